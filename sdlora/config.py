@@ -1,0 +1,162 @@
+"""Every training option in one dataclass: CLI flags, TOML keys and defaults come from here.
+
+A field `min_snr_gamma` is the flag `--min-snr-gamma` and the TOML key `min_snr_gamma`
+(dashes accepted too), so one grep finds where an option is declared and used.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import SdloraError
+
+
+def opt(default: Any, help: str, **extra: Any) -> Any:
+    meta = {"help": help, **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # data
+    images: str | None = opt(None, "folder of images with same-name caption files (kohya 'N_name' subfolders repeat N times)")
+    caption_ext: str = opt(".txt", "caption file extension")
+    trigger: str | None = opt(None, "trigger phrase prepended to every caption and recorded in the file's metadata")
+    resolution: int | None = opt(None, "training resolution in pixels (bucket area); default: the base's native size")
+    buckets: bool = opt(True, "aspect-ratio bucketing (multiples of 64 around --resolution area)")
+    flip: bool = opt(False, "random horizontal flip augmentation")
+    center_crop: bool = opt(False, "crop to the bucket from the centre instead of a random (per-image, seeded) offset")
+    cache_latents: str = opt("memory", "where VAE latents are cached: memory or disk (under the output folder)", choices=["memory", "disk"])
+    # model
+    base: str = opt("tiny", "base model: 'tiny' (embedded), a diffusers folder or a hub id")
+    precision: str | None = opt(None, "dtype of the frozen base weights: fp32, fp16, bf16 (default: fp32 on CPU, bf16 on GPU)", choices=["fp32", "fp16", "bf16"])
+    # LoRA
+    rank: int = opt(4, "LoRA rank (dim)")
+    alpha: float | None = opt(None, "LoRA alpha; the update is scaled by alpha/rank (default: alpha = rank)")
+    targets: str = opt("cross-attn", "UNet layers: cross-attn (attn2 q/k/v/out), attn (attn1+attn2), all-linear (kohya's set)", choices=["cross-attn", "attn", "all-linear"])
+    text_encoder: bool = opt(True, "also train a LoRA on the CLIP text encoder's attention")
+    te_mlp: bool = opt(False, "include the text encoder's MLP (fc1/fc2) layers")
+    lora_init: str = opt("kaiming", "init of the down matrix (up starts at zero)", choices=["kaiming", "gaussian"])
+    # optimisation
+    steps: int | None = opt(None, "optimizer steps (default 500 unless --epochs is given)")
+    epochs: int | None = opt(None, "train for this many passes over the (repeated) images instead of --steps")
+    batch_size: int = opt(1, "images per step")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    unet_lr: float = opt(1e-4, "learning rate of the UNet LoRA")
+    te_lr: float | None = opt(None, "learning rate of the text-encoder LoRA (default: --unet-lr / 2)")
+    optimizer: str = opt("adamw", "adamw, or adamw8bit (needs the bnb extra)", choices=["adamw", "adamw8bit"])
+    weight_decay: float = opt(1e-2, "AdamW weight decay")
+    lr_scheduler: str = opt("constant", "learning-rate schedule", choices=["constant", "cosine", "linear"])
+    lr_warmup_steps: int = opt(0, "linear warm-up steps")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    mixed_precision: str | None = opt(None, "autocast precision: no, fp16 (with grad scaler), bf16 (default: no on CPU, bf16 on GPU)", choices=["no", "fp16", "bf16"])
+    attention: str = opt("sdpa", "attention kernel: sdpa (PyTorch) or xformers (optional extra)", choices=["sdpa", "xformers"])
+    gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet and text encoder")
+    noise_offset: float = opt(0.0, "noise offset (0.05-0.1 helps very dark/bright images)")
+    min_snr_gamma: float | None = opt(None, "min-SNR loss weighting gamma (5 is common)")
+    seed: int = opt(42, "random seed: same seed and data give the same adapter")
+    # output
+    output: str | None = opt(None, "output folder (default output/<name>)")
+    name: str = opt("lora", "adapter file name (without .safetensors)")
+    save_dtype: str = opt("fp16", "dtype of the saved adapter", choices=["fp16", "bf16", "fp32"])
+    save_every: int | None = opt(None, "write a checkpoint (adapter + training state) every N steps")
+    keep_checkpoints: int = opt(3, "how many step checkpoints to keep")
+    resume: str | None = opt(None, "continue from a checkpoint folder (or an output folder: its latest checkpoint)")
+    overwrite: bool = opt(False, "replace an existing output folder")
+    comment: str = opt("", "free text stored as ss_training_comment")
+    description: str | None = opt(None, "modelspec description stored in the file")
+    # monitoring
+    sample_prompt: list[str] = opt([], "prompt to render during training (repeatable)", action="append")
+    sample_every: int | None = opt(None, "render the sample prompts every N steps (and at the end)")
+    sample_steps: int = opt(20, "sampling steps for sample images")
+    sample_seed: int = opt(1234, "seed for sample images (fixed so samples are comparable)")
+    tensorboard: bool = opt(False, "log to TensorBoard under the output folder (needs the tensorboard extra)")
+    device: str | None = opt(None, "cpu, cuda, cuda:1... (default: cuda when available)")
+    progress: bool = opt(True, "show a progress bar")
+
+    # Test hook: behave as if Ctrl-C arrived right after this step (exercises the interrupt path).
+    interrupt_at_step: int | None = field(default=None, metadata={"hidden": True})
+
+    def resolved_output(self) -> Path:
+        return Path(self.output) if self.output else Path("output") / self.name
+
+
+FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML preset; unknown keys are a one-line error with a suggestion."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SdloraError(f"config file not found: {p}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SdloraError(f"invalid TOML in {p}: {e}") from None
+    out = {}
+    for key, value in _flatten(data).items():
+        name = key.replace("-", "_")
+        if name not in FIELD_NAMES or name == "interrupt_at_step":
+            close = difflib.get_close_matches(name, sorted(FIELD_NAMES), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise SdloraError(f"unknown option '{key}' in {p}{hint}")
+        out[name] = value
+    return out
+
+
+def _flatten(data: dict[str, Any]) -> dict[str, Any]:
+    """Tables are only for grouping in presets ([lora], [data]...): their keys are options."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v))
+        else:
+            out[k] = v
+    return out
+
+
+def make_config(toml_path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults < TOML file < explicit overrides (the command line)."""
+    values = load_toml(toml_path) if toml_path else {}
+    values.update({k: v for k, v in overrides.items()})
+    unknown = set(values) - FIELD_NAMES
+    if unknown:
+        raise SdloraError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    for f in fields(TrainConfig):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and value is not None and value not in choices:
+            raise SdloraError(f"invalid {f.name} '{value}': choose one of {', '.join(choices)}")
+        if f.default is not MISSING and f.default is not None and value is not None:
+            if isinstance(f.default, bool) and not isinstance(value, bool):
+                raise SdloraError(f"{f.name} must be true or false, not {value!r}")
+            if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise SdloraError(f"{f.name} must be a number, not {value!r}")
+    if cfg.images is None and cfg.resume is None:
+        raise SdloraError("no images: pass --images DIR (a folder of images with .txt captions)")
+    for name in ("rank", "batch_size", "grad_accum"):
+        if getattr(cfg, name) < 1:
+            raise SdloraError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise SdloraError("--steps must be at least 1")
+    if cfg.epochs is not None and cfg.epochs < 1:
+        raise SdloraError("--epochs must be at least 1")
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise SdloraError("give --steps or --epochs, not both")
+    if cfg.resolution is not None and (cfg.resolution < 64 or cfg.resolution % 64):
+        raise SdloraError("--resolution must be a multiple of 64 (at least 64)")
+    if cfg.unet_lr <= 0 or (cfg.te_lr is not None and cfg.te_lr < 0):
+        raise SdloraError("learning rates must be positive")

@@ -1,0 +1,385 @@
+"""Training a LoRA: set-up helpers, then one loop you can read on a screen."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .adapter_file import ModuleWeights, save_adapter
+from .base import BaseModel, load_base
+from .checkpoint import STATE_FILE, find_checkpoint, load_state, prune_checkpoints, rng_states, save_checkpoint, set_rng_states
+from .config import TrainConfig, validate
+from .dataset import dataset_dirs, scan_images, tag_frequency
+from .errors import SdloraError
+from .latents import Example, encode_images, epoch_batches, sample_latents
+from .lora_layer import LoraAdapter, LoraHost
+from .metadata import training_metadata
+from .targets import ensure_host, text_encoder_targets, unet_targets
+
+TRAIN_ADAPTER = "trainee"
+DEFAULT_STEPS = 500
+
+
+@dataclass
+class TrainResult:
+    adapter: Path
+    steps: int
+    last_loss: float
+    interrupted: bool = False
+    checkpoint: Path | None = None
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def _info(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device:
+        dev = torch.device(cfg.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SdloraError("--device cuda was asked for but no CUDA GPU is available")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_precisions(cfg: TrainConfig, device: torch.device) -> tuple[str, str]:
+    """(autocast precision, base weight precision): fp32 on CPU, bf16 on GPUs that have it."""
+    mp = cfg.mixed_precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no")
+    if mp == "fp16" and device.type != "cuda":
+        raise SdloraError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    weights = cfg.precision or {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[mp]
+    return mp, weights
+
+
+def set_attention(base: BaseModel, attention: str, warn: Callable[[str], None]) -> str:
+    """SDPA is diffusers' default; xformers is optional and falls back with a message."""
+    if attention != "xformers":
+        return "sdpa"
+    try:
+        base.unet.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    except Exception as e:  # not installed, or built for another torch/CUDA
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        warn(f"xformers is not usable here ({first[:160]}); using PyTorch SDPA attention")
+        return "sdpa"
+
+
+def inject_lora(base: BaseModel, cfg: TrainConfig) -> tuple[list[LoraHost], list[LoraHost]]:
+    """Wrap the targeted layers and add the trainable adapter; returns (unet hosts, te hosts)."""
+    torch.manual_seed(cfg.seed)  # the down-matrix init is part of what the seed fixes
+    groups: tuple[list[LoraHost], list[LoraHost]] = ([], [])
+    targets = unet_targets(base.unet, cfg.targets)
+    if cfg.text_encoder:
+        for prefix, key in base.family.te_prefixes.items():
+            targets += text_encoder_targets(base.text_encoders[key], prefix, cfg.te_mlp)
+    for t in targets:
+        host = ensure_host(t.model, t.module_path, t.kohya_name)
+        layer = host.base
+        limit = min(layer.weight.shape[0], layer.weight[0].numel())
+        if cfg.rank > limit:
+            raise SdloraError(f"--rank {cfg.rank} is larger than layer {t.kohya_name} allows ({limit})")
+        host.add(TRAIN_ADAPTER, LoraAdapter(layer, cfg.rank, cfg.alpha, cfg.lora_init).to(layer.weight.device))
+        groups[int(t.is_text_encoder)].append(host)
+    return groups
+
+
+def lora_weights(hosts: list[LoraHost]) -> dict[str, ModuleWeights]:
+    out = {}
+    for h in hosts:
+        a = h.adapters[TRAIN_ADAPTER]
+        out[h.kohya_name] = ModuleWeights(a.down.weight.detach().float().cpu(), a.up.weight.detach().float().cpu(), a.alpha)
+    return out
+
+
+def make_optimizer(cfg: TrainConfig, unet_params: list, te_params: list, device: torch.device):
+    te_lr = cfg.te_lr if cfg.te_lr is not None else cfg.unet_lr / 2
+    groups = [{"params": unet_params, "lr": cfg.unet_lr}]
+    if te_params:
+        groups.append({"params": te_params, "lr": te_lr})
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise SdloraError("--optimizer adamw8bit needs bitsandbytes: pip install 'sdlora[bnb]'") from None
+        return bnb.optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+
+def step_generator(seed: int, micro_step: int) -> torch.Generator:
+    """All randomness of one micro-batch comes from (seed, micro-step): resuming replays it exactly."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) % (2**63))
+
+
+def prepare_output(cfg: TrainConfig) -> Path:
+    out = cfg.resolved_output()
+    if cfg.resume is None and out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise SdloraError(f"output folder {out} already exists and is not empty; pass --overwrite or another --output")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def resume_config(cfg_overrides: dict, resume: str) -> tuple[TrainConfig, Path]:
+    """The saved config of a checkpoint, with explicitly given options on top."""
+    folder = find_checkpoint(resume)
+    saved = load_state(folder)["config"]
+    values = {**saved, **cfg_overrides, "resume": str(folder)}
+    if "output" not in cfg_overrides:
+        values["output"] = str(folder.parent.parent)
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg, folder
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[[str], None] = _info) -> TrainResult:
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_snr
+
+    validate(cfg)
+    ckpt_dir = find_checkpoint(cfg.resume) if cfg.resume else None
+    state = load_state(ckpt_dir) if ckpt_dir else None
+    out = prepare_output(cfg)
+    device = pick_device(cfg)
+    mp, weight_precision = pick_precisions(cfg, device)
+    accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
+    base = load_base(cfg.base, weight_precision, device)
+    attention = set_attention(base, cfg.attention, warn)
+    resolution = cfg.resolution or base.resolution
+
+    items = scan_images(cfg.images, cfg.caption_ext, cfg.trigger, warn)
+    cache_dir = out / "cache" if cfg.cache_latents == "disk" else None
+    examples = encode_images(items, base.vae, resolution, cfg.buckets, cfg.center_crop, cfg.flip, cfg.seed, cache_dir, cfg.progress)
+    base.vae.to("cpu")  # not needed while training; frees GPU memory (sampling moves it back)
+
+    unet_hosts, te_hosts = inject_lora(base, cfg)
+    unet_params = [p for h in unet_hosts for p in h.adapters[TRAIN_ADAPTER].parameters()]
+    te_params = [p for h in te_hosts for p in h.adapters[TRAIN_ADAPTER].parameters()]
+    info(f"LoRA rank {cfg.rank} on {len(unet_hosts)} UNet + {len(te_hosts)} text-encoder modules "
+         f"({sum(p.numel() for p in unet_params + te_params):,} trainable parameters), attention: {attention}")
+    frozen_cond = None if cfg.text_encoder else encode_captions(base, sorted({e.item.caption for e in examples}))
+    if cfg.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        base.unet.train()
+        if cfg.text_encoder:
+            base.text_encoders["text_encoder"].gradient_checkpointing_enable({"use_reentrant": False})
+            base.text_encoders["text_encoder"].train()
+
+    n_batches = len(epoch_batches(examples, cfg.batch_size, cfg.seed, 0))
+    total = cfg.steps or (math.ceil(cfg.epochs * n_batches / cfg.grad_accum) if cfg.epochs else DEFAULT_STEPS)
+    optimizer = accelerator.prepare(make_optimizer(cfg, unet_params, te_params, device))
+    lr_sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=total)
+    step, started, ema, session = 0, time.time(), None, str(random.randrange(2**31))
+    if state is not None:
+        step, started = _restore(state, unet_hosts + te_hosts, optimizer, lr_sched, accelerator)
+        ema, session = state["loss_smooth"], state["session_id"]
+        info(f"resuming from {ckpt_dir} at step {step}")
+
+    sched = base.noise_scheduler
+    v_pred = base.family.v_prediction
+    scaling = base.vae.config.scaling_factor
+    last_loss, batches_epoch, batches = float("nan"), -1, []
+
+    def snapshot(folder: Path, step_now: int) -> Path:
+        meta = _metadata(cfg, base, items, examples, resolution, mp, step_now, total, n_batches, started, None, session)
+        state_now = {
+            "step": step_now, "loss_smooth": ema, "session_id": session, "epoch": step_now * cfg.grad_accum // n_batches,
+            "batch_in_epoch": step_now * cfg.grad_accum % n_batches, "started": started,
+            "lora_params": [p.detach().cpu() for p in unet_params + te_params],
+            "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler else {}, "rng": rng_states(),
+            "config": dataclasses.asdict(cfg) | {"resume": None, "interrupt_at_step": None},
+        }
+        return save_checkpoint(folder, state_now, lambda d: _save_adapter(d / f"{cfg.name}.safetensors", unet_hosts + te_hosts, meta, cfg))
+
+    log = open(out / "train_log.jsonl", "a", encoding="utf-8")
+    writer = _tensorboard(out, cfg, warn)
+    bar = tqdm(total=total, initial=step, desc="training", disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    try:
+        while step < total:
+            # ---- one optimizer step = grad_accum micro-batches
+            for k in range(cfg.grad_accum):
+                micro = step * cfg.grad_accum + k
+                epoch, pos = divmod(micro, n_batches)
+                if epoch != batches_epoch:
+                    batches, batches_epoch = epoch_batches(examples, cfg.batch_size, cfg.seed, epoch), epoch
+                batch = [examples[i] for i in batches[pos]]
+                g = step_generator(cfg.seed, micro)
+                flips = torch.rand(len(batch), generator=g) < 0.5 if cfg.flip else torch.zeros(len(batch), dtype=torch.bool)
+                latents = sample_latents(batch, flips, g, scaling).to(device)
+                noise = torch.randn(latents.shape, generator=g).to(device)
+                if cfg.noise_offset:
+                    noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g).to(device)
+                t = torch.randint(0, sched.config.num_train_timesteps, (len(batch),), generator=g).to(device)
+                noisy = sched.add_noise(latents, noise, t)
+                target = sched.get_velocity(latents, noise, t) if v_pred else noise
+                captions = [ex.item.caption for ex in batch]
+                with accelerator.autocast():
+                    if frozen_cond is not None:
+                        cond = {"encoder_hidden_states": torch.stack([frozen_cond[c] for c in captions]).to(device, base.dtype)}
+                    else:
+                        cond = base.family.encode_prompt(base, base.family.tokenize(base, captions))
+                    pred = base.unet(noisy.to(base.dtype), t, **cond).sample
+                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                if cfg.min_snr_gamma:
+                    snr = compute_snr(sched, t)
+                    weight = snr.clamp(max=cfg.min_snr_gamma) / (snr + 1 if v_pred else snr)
+                    loss = loss * weight
+                loss = loss.mean()
+                last_loss = loss.item()
+                if not math.isfinite(last_loss):
+                    raise SdloraError(
+                        f"loss became {last_loss} at step {step + 1}; stopped. The last good adapter is the latest "
+                        f"checkpoint in {out / 'checkpoints'}; try a lower learning rate or --mixed-precision bf16"
+                    )
+                accelerator.backward(loss / cfg.grad_accum)
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(unet_params + te_params, cfg.max_grad_norm)
+            optimizer.step()
+            lr_sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            # ---- bookkeeping
+            ema = last_loss if ema is None else 0.95 * ema + 0.05 * last_loss
+            lr = lr_sched.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.2e}")
+            log.write(json.dumps({"step": step, "loss": last_loss, "loss_smooth": ema, "lr": lr}) + "\n")
+            if writer:
+                writer.add_scalar("loss", last_loss, step)
+                writer.add_scalar("lr", lr, step)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                snapshot(out / "checkpoints" / f"step-{step:06d}", step)
+                prune_checkpoints(out / "checkpoints", cfg.keep_checkpoints)
+            if cfg.sample_prompt and cfg.sample_every and step % cfg.sample_every == 0 and step < total:
+                render_samples(base, cfg, out, step)
+            if cfg.interrupt_at_step is not None and step == cfg.interrupt_at_step:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        bar.close()
+        folder = snapshot(out / "checkpoints" / f"step-{step:06d}", step)
+        info(f"interrupted at step {step}/{total}: saved {folder}; continue with: sdlora train --resume {out}")
+        return TrainResult(folder / f"{cfg.name}.safetensors", step, last_loss, interrupted=True, checkpoint=folder)
+    finally:
+        bar.close()
+        log.close()
+        if writer:
+            writer.close()
+
+    meta = _metadata(cfg, base, items, examples, resolution, mp, step, total, n_batches, started, time.time(), session)
+    path = out / f"{cfg.name}.safetensors"
+    sha = _save_adapter(path, unet_hosts + te_hosts, meta, cfg)
+    info(f"saved {path} (sha256 {sha[:10]}, {step} steps, last loss {last_loss:.4f})")
+    if cfg.sample_prompt:
+        render_samples(base, cfg, out, step)
+    return TrainResult(path, step, last_loss)
+
+
+def _restore(state: dict, hosts: list[LoraHost], optimizer, lr_sched, accelerator) -> tuple[int, float]:
+    params = [p for h in hosts for p in h.adapters[TRAIN_ADAPTER].parameters()]
+    saved = state["lora_params"]
+    if len(saved) != len(params) or any(a.shape != b.shape for a, b in zip(saved, params)):
+        raise SdloraError("the checkpoint's LoRA does not match this configuration (rank, targets or base changed?)")
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_sched.load_state_dict(state["lr_scheduler"])
+    if accelerator.scaler and state["scaler"]:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    set_rng_states(state["rng"])
+    return int(state["step"]), float(state["started"])
+
+
+@torch.no_grad()
+def encode_captions(base: BaseModel, captions: list[str]) -> dict[str, torch.Tensor]:
+    """Frozen text encoder: each distinct caption is encoded once."""
+    out = {}
+    for i in range(0, len(captions), 32):
+        chunk = captions[i : i + 32]
+        hidden = base.family.encode_prompt(base, base.family.tokenize(base, chunk))["encoder_hidden_states"]
+        out.update({c: h.cpu() for c, h in zip(chunk, hidden)})
+    return out
+
+
+def _save_adapter(path: Path, hosts: list[LoraHost], meta: dict[str, str], cfg: TrainConfig) -> str:
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
+    return save_adapter(path, lora_weights(hosts), meta, dtype)
+
+
+def _metadata(cfg, base, items, examples: list[Example], resolution, mp, step, total, n_batches, started, finished, session) -> dict[str, str]:
+    te_lr = (cfg.te_lr if cfg.te_lr is not None else cfg.unet_lr / 2) if cfg.text_encoder else None
+    buckets = sorted({ex.bucket for ex in examples})
+    return training_metadata(
+        output_name=cfg.name, base_model_version=base.family.version, v_prediction=base.family.v_prediction,
+        rank=cfg.rank, alpha=cfg.alpha or cfg.rank,
+        network_args={"targets": cfg.targets, "text_encoder": cfg.text_encoder, "te_mlp": cfg.te_mlp},
+        resolution=(resolution, resolution), unet_lr=cfg.unet_lr, te_lr=te_lr, learning_rate=cfg.unet_lr,
+        optimizer=cfg.optimizer, lr_scheduler=cfg.lr_scheduler, lr_warmup_steps=cfg.lr_warmup_steps,
+        max_grad_norm=cfg.max_grad_norm, steps=step, max_train_steps=total,
+        epoch=step * cfg.grad_accum // n_batches, num_epochs=math.ceil(total * cfg.grad_accum / n_batches),
+        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, num_batches_per_epoch=n_batches,
+        num_train_images=sum(it.repeats for it in items), seed=cfg.seed, mixed_precision=mp,
+        gradient_checkpointing=cfg.gradient_checkpointing, noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma,
+        flip_aug=cfg.flip, enable_bucket=cfg.buckets,
+        bucket_info={"buckets": {str(i): {"resolution": list(b)} for i, b in enumerate(buckets)}},
+        tag_frequency=tag_frequency(items), dataset_dirs=dataset_dirs(items), training_started_at=started,
+        training_finished_at=finished, sd_model_name=str(cfg.base), comment=cfg.comment, trigger_phrase=cfg.trigger,
+        title=cfg.name, description=cfg.description, session_id=session, cache_latents=True,
+    )
+
+
+def _tensorboard(out: Path, cfg: TrainConfig, warn):
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warn("--tensorboard needs the tensorboard package (pip install 'sdlora[tensorboard]'); not logging to it")
+        return None
+    return SummaryWriter(str(out / "logs"))
+
+
+def render_samples(base: BaseModel, cfg: TrainConfig, out: Path, step: int) -> list[Path]:
+    """Sample images with a fixed seed; training RNG state is left untouched."""
+    from .generate import generate_images
+
+    folder = out / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    device = base.unet.device
+    base.vae.to(device)
+    paths = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for i, prompt in enumerate(cfg.sample_prompt):
+            img = generate_images(base, prompt, seed=cfg.sample_seed, steps=cfg.sample_steps)[0]
+            p = folder / f"step-{step:06d}-{i}.png"
+            img.save(p)
+            paths.append(p)
+    base.vae.to("cpu")
+    return paths
+
+
+__all__ = ["train", "TrainResult", "STATE_FILE"]
