@@ -88,6 +88,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .adapter_file import load_adapter
     from .base import load_base
     from .generate import extract_prompt_loras, generate_images, save_images
     from .mixer import LoraMixer, parse_lora_spec
@@ -98,10 +99,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     precision = args.precision or ("fp16" if device.startswith("cuda") else "fp32")
     prompt, tag_specs = extract_prompt_loras(args.prompt, args.lora_dir)
     specs = [parse_lora_spec(s) for s in args.lora] + tag_specs
+    adapters = [load_adapter(spec.path) for spec in specs]  # bad files fail before the base loads
     base = load_base(args.base, precision, device)
     mixer = LoraMixer(base)
-    for spec in specs:
-        mixer.load(spec.path, spec.strength, spec.te_strength)
+    for spec, adapter in zip(specs, adapters):
+        mixer.add(adapter, spec.strength, spec.te_strength)
     run = lambda: generate_images(  # noqa: E731
         base, prompt, args.negative, args.seed, args.steps, args.guidance, args.width, args.height, args.num_images, args.scheduler
     )

@@ -7,8 +7,9 @@ A field `min_snr_gamma` is the flag `--min-snr-gamma` and the TOML key `min_snr_
 from __future__ import annotations
 
 import difflib
+import os
 import tomllib
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +104,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     for key, value in _flatten(data).items():
         name = key.replace("-", "_")
         if name not in FIELD_NAMES or name == "interrupt_at_step":
-            close = difflib.get_close_matches(name, sorted(FIELD_NAMES), n=1)
+            close = difflib.get_close_matches(name, sorted(FIELD_NAMES - {"interrupt_at_step"}), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise SdloraError(f"unknown option '{key}' in {p}{hint}")
+        if name == "sample_prompt" and isinstance(value, str):
+            value = [value]  # one prompt may be written as a plain string
         out[name] = value
     return out
 
@@ -133,18 +136,36 @@ def make_config(toml_path: str | Path | None = None, **overrides: Any) -> TrainC
     return cfg
 
 
+def _check_type(f, value: Any) -> None:
+    """TOML values arrive untyped: a wrong type is a one-line error here, not a TypeError later."""
+    kind = str(f.type).replace(" | None", "").replace("typing.", "")
+    if value is None:
+        if "None" not in str(f.type):
+            raise SdloraError(f"{f.name} must not be empty")
+        return
+    if kind == "bool":
+        ok, want = isinstance(value, bool), "true or false"
+    elif kind == "int":
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif kind == "float":
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif kind == "str":
+        ok, want = isinstance(value, (str, os.PathLike)), "a string"
+    elif kind == "list[str]":
+        ok, want = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
+    else:
+        return
+    if not ok:
+        raise SdloraError(f"{f.name} must be {want}, not {value!r}")
+
+
 def validate(cfg: TrainConfig) -> None:
     for f in fields(TrainConfig):
         choices = f.metadata.get("choices")
         value = getattr(cfg, f.name)
+        _check_type(f, value)
         if choices and value is not None and value not in choices:
             raise SdloraError(f"invalid {f.name} '{value}': choose one of {', '.join(choices)}")
-        if f.default is not MISSING and f.default is not None and value is not None:
-            if isinstance(f.default, bool) and not isinstance(value, bool):
-                raise SdloraError(f"{f.name} must be true or false, not {value!r}")
-            if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise SdloraError(f"{f.name} must be a number, not {value!r}")
     if cfg.images is None and cfg.resume is None:
         raise SdloraError("no images: pass --images DIR (a folder of images with .txt captions)")
     for name in ("rank", "batch_size", "grad_accum"):

@@ -39,7 +39,7 @@ def generate_images(
     latents = torch.stack(
         [torch.randn((4, height // base.vae_scale_factor, width // base.vae_scale_factor), generator=g) for g in generators]
     ).to(base.unet.device, base.unet.dtype)
-    return pipe(
+    out = pipe(
         [prompt] * num_images,
         negative_prompt=[negative] * num_images if negative else None,
         num_inference_steps=steps,
@@ -47,7 +47,12 @@ def generate_images(
         width=width,
         height=height,
         latents=latents,
+        output_type="latent",
     ).images
+    # Decode ourselves: under fp16 the VAE stays fp32 (SD VAEs overflow in fp16), which the pipeline does not handle.
+    vae = base.vae
+    pixels = vae.decode(out.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
 
 
 def extract_prompt_loras(prompt: str, lora_dir: str | Path | None) -> tuple[str, list[LoraSpec]]:

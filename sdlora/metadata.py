@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sdlora import __version__
 from sdlora.errors import SdloraError
@@ -138,7 +138,7 @@ def training_metadata(
     }
     metadata = {key: str(value) for key, value in ss.items()}
 
-    date = datetime.fromtimestamp(int(training_started_at), tz=timezone.utc).isoformat()
+    date = datetime.fromtimestamp(int(training_started_at), tz=UTC).isoformat()
     spec: dict[str, object | None] = {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": architecture,

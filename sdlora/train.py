@@ -19,7 +19,15 @@ from tqdm.auto import tqdm
 
 from .adapter_file import ModuleWeights, save_adapter
 from .base import BaseModel, load_base
-from .checkpoint import STATE_FILE, find_checkpoint, load_state, prune_checkpoints, rng_states, save_checkpoint, set_rng_states
+from .checkpoint import (
+    STATE_FILE,
+    find_checkpoint,
+    load_state,
+    prune_checkpoints,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
 from .config import TrainConfig, validate
 from .dataset import dataset_dirs, scan_images, tag_frequency
 from .errors import SdloraError
@@ -39,6 +47,8 @@ class TrainResult:
     last_loss: float
     interrupted: bool = False
     checkpoint: Path | None = None
+    steps_per_second: float | None = None  # over the steps after the first 5 (warm-up excluded)
+    peak_vram_gib: float | None = None
 
 
 def _warn(msg: str) -> None:
@@ -77,9 +87,12 @@ def set_attention(base: BaseModel, attention: str, warn: Callable[[str], None]) 
     try:
         base.unet.enable_xformers_memory_efficient_attention()
         return "xformers"
-    except Exception as e:  # not installed, or built for another torch/CUDA
+    except ImportError:
+        warn("xformers is not installed (pip install 'sdlora[xformers]'); using PyTorch SDPA attention")
+        return "sdpa"
+    except Exception as e:  # installed but built for another torch/CUDA, as PyPI's 0.0.35 is for torch 2.11
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        warn(f"xformers is not usable here ({first[:160]}); using PyTorch SDPA attention")
+        warn(f"xformers is installed but does not work with this torch/CUDA ({first[:160]}); using PyTorch SDPA attention")
         return "sdpa"
 
 
@@ -162,15 +175,14 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     validate(cfg)
     ckpt_dir = find_checkpoint(cfg.resume) if cfg.resume else None
     state = load_state(ckpt_dir) if ckpt_dir else None
-    out = prepare_output(cfg)
+    items = scan_images(cfg.images, cfg.caption_ext, cfg.trigger, warn)  # bad folders fail before anything loads
     device = pick_device(cfg)
     mp, weight_precision = pick_precisions(cfg, device)
+    out = prepare_output(cfg)
     accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
     base = load_base(cfg.base, weight_precision, device)
     attention = set_attention(base, cfg.attention, warn)
     resolution = cfg.resolution or base.resolution
-
-    items = scan_images(cfg.images, cfg.caption_ext, cfg.trigger, warn)
     cache_dir = out / "cache" if cfg.cache_latents == "disk" else None
     examples = encode_images(items, base.vae, resolution, cfg.buckets, cfg.center_crop, cfg.flip, cfg.seed, cache_dir, cfg.progress)
     base.vae.to("cpu")  # not needed while training; frees GPU memory (sampling moves it back)
@@ -201,7 +213,7 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     sched = base.noise_scheduler
     v_pred = base.family.v_prediction
     scaling = base.vae.config.scaling_factor
-    last_loss, batches_epoch, batches = float("nan"), -1, []
+    last_loss, batches_epoch, batches, first_step = float("nan"), -1, [], step
 
     def snapshot(folder: Path, step_now: int) -> Path:
         meta = _metadata(cfg, base, items, examples, resolution, mp, step_now, total, n_batches, started, None, session)
@@ -217,6 +229,9 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
 
     log = open(out / "train_log.jsonl", "a", encoding="utf-8")
     writer = _tensorboard(out, cfg, warn)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timing = {"t0": None, "n0": 0}
     bar = tqdm(total=total, initial=step, desc="training", disable=not cfg.progress, unit="step", dynamic_ncols=True)
     try:
         while step < total:
@@ -263,6 +278,9 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
             optimizer.zero_grad(set_to_none=True)
             step += 1
             # ---- bookkeeping
+            if timing["t0"] is None and step - first_step >= min(5, total - first_step - 1):
+                _sync(device)
+                timing["t0"], timing["n0"] = time.perf_counter(), step
             ema = last_loss if ema is None else 0.95 * ema + 0.05 * last_loss
             lr = lr_sched.get_last_lr()[0]
             bar.update(1)
@@ -289,13 +307,22 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
         if writer:
             writer.close()
 
+    _sync(device)
+    speed = (step - timing["n0"]) / (time.perf_counter() - timing["t0"]) if timing["t0"] and step > timing["n0"] else None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     meta = _metadata(cfg, base, items, examples, resolution, mp, step, total, n_batches, started, time.time(), session)
     path = out / f"{cfg.name}.safetensors"
     sha = _save_adapter(path, unet_hosts + te_hosts, meta, cfg)
-    info(f"saved {path} (sha256 {sha[:10]}, {step} steps, last loss {last_loss:.4f})")
+    extra = (f", {speed:.2f} it/s" if speed else "") + (f", peak VRAM {peak:.2f} GiB" if peak else "")
+    info(f"saved {path} (sha256 {sha[:10]}, {step} steps, last loss {last_loss:.4f}{extra})")
     if cfg.sample_prompt:
         render_samples(base, cfg, out, step)
-    return TrainResult(path, step, last_loss)
+    return TrainResult(path, step, last_loss, steps_per_second=speed, peak_vram_gib=peak)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _restore(state: dict, hosts: list[LoraHost], optimizer, lr_sched, accelerator) -> tuple[int, float]:
