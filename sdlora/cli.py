@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import types
@@ -12,6 +13,9 @@ from pathlib import Path
 
 from .config import TrainConfig, make_config
 from .errors import SdloraError
+
+# Modules that add subcommands: each has `register(subparsers)` and keeps its handlers to itself.
+TOOL_COMMANDS: list[str] = []
 
 EPILOG_TRAIN = """examples:
   sdlora train --images datasets/sketch --trigger "sks sketch" --rank 4
@@ -130,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images with a base and any number of LoRAs at chosen strengths")
     add_generate_arguments(g)
     g.set_defaults(func=cmd_generate)
+    for module in TOOL_COMMANDS:
+        importlib.import_module(f"sdlora.{module}").register(sub)
     return parser
 
 
