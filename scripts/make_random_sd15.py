@@ -1,9 +1,10 @@
 """Write an SD1.5-architecture diffusers folder with random weights (real shapes: 512 px, 860M-parameter UNet).
 
 No real weights can be downloaded here; this gives benchmarks and single-file tests the exact
-module layout, sizes and compute of Stable Diffusion 1.5.
+module layout, sizes and compute of Stable Diffusion 1.5. `--single-file X.safetensors` also writes it
+as one checkpoint in the original (LDM) key layout, the way SD1.5 files are downloaded.
 
-Usage: python scripts/make_random_sd15.py OUT_DIR [--dtype fp16] [--device cuda]
+Usage: python scripts/make_random_sd15.py OUT_DIR [--dtype fp16] [--device cuda] [--single-file OUT.safetensors]
 """
 
 import argparse
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--single-file", metavar="OUT.safetensors", help="also write an LDM-layout single-file checkpoint")
     args = ap.parse_args()
     out, dtype = Path(args.out), {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     torch.manual_seed(0)
@@ -58,6 +60,12 @@ def main() -> None:
              "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     print(f"wrote {out}")
+    if args.single_file:
+        from sdlora.base import load_base
+        from sdlora.single_file import save_single_file
+
+        save_single_file(load_base(str(out), "fp32" if dtype == torch.float32 else "fp16"), args.single_file, dtype)
+        print(f"wrote {args.single_file}")
 
 
 if __name__ == "__main__":

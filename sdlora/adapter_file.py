@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors
@@ -18,30 +18,35 @@ import safetensors.torch
 import torch
 
 from sdlora.atomic import atomic_write_bytes
+from sdlora.delta_weights import DELTA_SUFFIXES, DeltaWeights, family_of
 from sdlora.errors import SdloraError
 
 KOHYA_PREFIXES = ("lora_unet", "lora_te", "lora_te1", "lora_te2")
 _KOHYA_NAME = re.compile(r"^lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+$")
 _KOHYA_KEY = re.compile(r"^(?P<name>lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(?P<suffix>.+)$")
-_KOHYA_SUFFIX = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+_KOHYA_SUFFIX = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "lora_mid.weight": "mid"}
+_KOHYA_SUFFIX |= {s: s for s in DELTA_SUFFIXES - set(_KOHYA_SUFFIX)}  # LoHa/LoKr/DoRA/diff parts keep their names
 # peft / diffusers layout: "<owner>.<module path>.lora_A[.<adapter name>].weight" and "<...>.alpha".
 _PEFT_KEY = re.compile(r"^(?P<base>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _PEFT_OWNERS = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 _TE_ROOTS = ("text_model.", "encoder.layers.", "text_projection")
+_PEFT_MAGNITUDE = re.compile(r"^(?P<base>.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$")  # peft DoRA
+# The older diffusers attention-processor layout: "<block>.attn1.processor.to_q_lora.down.weight" (UNet) and
+# "text_encoder.<path>.q_proj.lora_linear_layer.up.weight" (text encoder), each optionally "unet."-prefixed.
+_OLD_DIFFUSERS_KEY = re.compile(
+    r"^(?P<base>.+?)(?:\.processor)?\.(?:(?P<proj>to_q|to_k|to_v|to_out)_lora|(?P<te>lora_linear_layer))"
+    r"\.(?P<part>down\.weight|up\.weight|alpha)$"
+)
 
 # Recognisable non-LoRA adapter families, checked in order: (pattern on the key, what to call it).
 _UNSUPPORTED = (
-    (re.compile(r"hada_"), "LoHa (hada_*) keys"),
-    (re.compile(r"lokr_"), "LoKr (lokr_*) keys"),
-    (re.compile(r"lora_mid"), "LoCon/Tucker (lora_mid) keys"),
-    (re.compile(r"\.diff(_b)?$"), "full weight difference (.diff) keys"),
-    (re.compile(r"dora_scale|lora_magnitude_vector"), "DoRA (dora_scale) keys"),
     (re.compile(r"oft_|\.oft_blocks"), "OFT (oft_*) keys"),
+    (re.compile(r"\.diff_b$"), "full bias difference (.diff_b) keys"),
     (re.compile(r"\.[ab][12]\.weight$"), "GLoRA (a1/a2/b1/b2) keys"),
     (re.compile(r"lora_embedding_"), "embedding LoRA (lora_embedding_*) keys"),
     (re.compile(r"\.[wb]_norm$"), "LyCORIS norm (w_norm/b_norm) keys"),
     (re.compile(r"\.bias$"), "LoRA bias keys"),
-    (re.compile(r"(_lora|\.lora|lora_linear_layer)\.(down|up)\.weight$"), "legacy diffusers attn-processor LoRA keys"),
+    (re.compile(r"hada_|lokr_"), "LyCORIS keys of an unknown layout"),
 )
 
 _MB = 0x100000
@@ -68,11 +73,16 @@ class ModuleWeights:
 
 @dataclass
 class AdapterFile:
-    """A loaded adapter: modules keyed by kohya module name, tensors in fp32, the file's string metadata."""
+    """A loaded adapter: modules keyed by kohya module name, tensors in fp32, the file's string metadata.
+
+    `modules` holds plain LoRA pairs (what every sdlora tool edits); `deltas` holds LoHa/LoKr/DoRA/Tucker/diff
+    modules, which only apply as a full weight update (see sdlora.delta_weights).
+    """
 
     modules: dict[str, ModuleWeights]
     metadata: dict[str, str]
     path: Path | None = None
+    deltas: dict[str, DeltaWeights] = field(default_factory=dict)
 
 
 def kohya_name(prefix: str, module_path: str) -> str:
@@ -179,10 +189,13 @@ def _check_safetensors_container(path: Path) -> None:
     raise SdloraError(f"{path} is not a .safetensors file ({why})")
 
 
+check_safetensors_file = _check_safetensors_container  # public name for the other file tools
+
+
 def _unsupported(key: str, path: Path) -> SdloraError:
     for pattern, kind in _UNSUPPORTED:
         if pattern.search(key):
-            return SdloraError(f"unsupported adapter type in {path}: {kind} (e.g. {key!r}); only LoRA is supported")
+            return SdloraError(f"unsupported adapter type in {path}: {kind} (e.g. {key!r}); sdlora reads LoRA, LoCon, LoHa, LoKr, DoRA and .diff")
     return SdloraError(
         f"unrecognised key {key!r} in {path}: expected kohya lora_down/lora_up/alpha or peft lora_A/lora_B keys"
     )
@@ -234,8 +247,27 @@ def _peft_alpha(config: dict[str, object], base: str) -> float | None:
     return None
 
 
+def _classify(key: str, has_te2: bool) -> tuple[str, str, str | None] | None:
+    """(kohya module name, part, peft module path or None) for one key, None when no layout knows it."""
+    if (m := _KOHYA_KEY.match(key)) and m["suffix"] in _KOHYA_SUFFIX:
+        return m["name"], _KOHYA_SUFFIX[m["suffix"]], None
+    if _KOHYA_KEY.match(key):
+        return None
+    if m := _OLD_DIFFUSERS_KEY.match(key):
+        base = m["base"] if m["te"] else f"{m['base']}.{'to_out.0' if m['proj'] == 'to_out' else m['proj']}"
+        return _peft_module_name(base, has_te2), m["part"].removesuffix(".weight"), None
+    if m := _PEFT_KEY.match(key):
+        return _peft_module_name(m["base"], has_te2), "down" if m["ab"] == "A" else "up", m["base"]
+    if m := _PEFT_MAGNITUDE.match(key):
+        return _peft_module_name(m["base"], has_te2), "dora_scale", m["base"]
+    if key.endswith(".alpha") and not any(p.search(key) for p, _ in _UNSUPPORTED):
+        return _peft_module_name(key.removesuffix(".alpha"), has_te2), "alpha", None
+    return None
+
+
 def load_adapter(path: str | Path) -> AdapterFile:
-    """Load a kohya- or peft-layout LoRA safetensors file into kohya-named fp32 modules, validating every key."""
+    """Load an adapter file (kohya, peft/diffusers, old diffusers attn-processor, LyCORIS) into kohya-named fp32
+    modules, validating every key: plain LoRA pairs go to `modules`, every other type to `deltas`."""
     path = Path(path)
     _check_safetensors_container(path)
     try:
@@ -251,15 +283,12 @@ def load_adapter(path: str | Path) -> AdapterFile:
     parts: dict[str, dict[str, torch.Tensor]] = {}
     peft_bases: dict[str, str] = {}
     for key, tensor in raw.items():
-        if (m := _KOHYA_KEY.match(key)) and m["suffix"] in _KOHYA_SUFFIX:
-            name, part = m["name"], _KOHYA_SUFFIX[m["suffix"]]
-        elif (m := _PEFT_KEY.match(key)) and not _KOHYA_KEY.match(key):
-            name, part = _peft_module_name(m["base"], has_te2), "down" if m["ab"] == "A" else "up"
-            peft_bases[name] = m["base"]
-        elif key.endswith(".alpha") and not _KOHYA_KEY.match(key) and not any(p.search(key) for p, _ in _UNSUPPORTED):
-            name, part = _peft_module_name(key.removesuffix(".alpha"), has_te2), "alpha"
-        else:
+        hit = _classify(key, has_te2)
+        if hit is None:
             raise _unsupported(key, path)
+        name, part, peft_base = hit
+        if peft_base is not None:
+            peft_bases[name] = peft_base
         if not tensor.is_floating_point():
             raise SdloraError(f"{key} in {path} has non-float dtype {tensor.dtype}")
         if part in parts.setdefault(name, {}):
@@ -268,23 +297,35 @@ def load_adapter(path: str | Path) -> AdapterFile:
 
     peft_config = _peft_alphas(path, metadata) if peft_bases else {}
     modules: dict[str, ModuleWeights] = {}
+    deltas: dict[str, DeltaWeights] = {}
     for name, p in parts.items():
+        if (kind := family_of(set(p))) != "LoRA":
+            alpha = _module_alpha(p, name, path, peft_config, peft_bases)
+            delta = DeltaWeights(kind, {k: v.contiguous() for k, v in p.items() if k != "alpha"}, alpha)
+            delta.validate(f"{name} in {path}")
+            deltas[name] = delta
+            continue
         if "down" not in p or "up" not in p:
             have = " and ".join(k for k in ("down", "up", "alpha") if k in p)
             missing = "lora_up" if "down" in p else "lora_down"
             raise SdloraError(f"incomplete LoRA module in {path}: {name} has {have} but no {missing}")
         down, up = p["down"].contiguous(), p["up"].contiguous()
         _check_pair(name, down, up, str(path))
-        rank = int(down.shape[0])
-        if "alpha" in p:
-            if p["alpha"].numel() != 1:
-                raise SdloraError(f"alpha of {name} in {path} is not a scalar (shape {list(p['alpha'].shape)})")
-            alpha = float(p["alpha"].item())
-        elif name in peft_bases:
-            alpha = _peft_alpha(peft_config, peft_bases[name])
-        else:
-            alpha = None
-        modules[name] = ModuleWeights(down=down, up=up, alpha=float(rank) if not alpha else alpha)
-    if not modules:
+        alpha = _module_alpha(p, name, path, peft_config, peft_bases)
+        modules[name] = ModuleWeights(down=down, up=up, alpha=float(down.shape[0]) if not alpha else alpha)
+    if not modules and not deltas:
         raise SdloraError(f"{path} holds no LoRA weights")
-    return AdapterFile(modules=modules, metadata=metadata, path=path)
+    return AdapterFile(modules=modules, metadata=metadata, path=path, deltas=deltas)
+
+
+def _module_alpha(
+    p: dict[str, torch.Tensor], name: str, path: Path, peft_config: dict[str, object], peft_bases: dict[str, str]
+) -> float | None:
+    """The module's alpha key, else its peft config entry, else None (callers read None as 'alpha = rank')."""
+    if "alpha" in p:
+        if p["alpha"].numel() != 1:
+            raise SdloraError(f"alpha of {name} in {path} is not a scalar (shape {list(p['alpha'].shape)})")
+        return float(p["alpha"].item())
+    if name in peft_bases:
+        return _peft_alpha(peft_config, peft_bases[name])
+    return None

@@ -50,7 +50,7 @@ class Family:
 @dataclass
 class BaseModel:
     name: str  # what the user passed (recorded as ss_sd_model_name)
-    path: Path  # the diffusers folder it was loaded from
+    path: Path  # the diffusers folder (or single .safetensors/.ckpt file) it was loaded from
     family: Family
     unet: nn.Module
     vae: nn.Module
@@ -111,7 +111,7 @@ def make_inference_scheduler(train_config, name: str | None):
 
 
 def resolve_base_path(base: str) -> Path:
-    """`tiny`, a diffusers folder, or a hub id (from the local cache, or downloaded when online)."""
+    """`tiny`, a diffusers folder, an SD1.x single file, or a hub id (from the local cache, or downloaded when online)."""
     if base == "tiny":
         from .tiny_base import tiny_base_dir
 
@@ -122,13 +122,14 @@ def resolve_base_path(base: str) -> Path:
             raise SdloraError(f"{p} is not a diffusers model folder (no model_index.json)")
         return p
     if p.suffix.lower() in {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}:
-        if not p.exists():
+        if not p.is_file():
             raise SdloraError(f"base model file not found: {p}")
-        raise SdloraError(
-            f"single-file checkpoints ({p.name}) are not supported yet: convert it to a diffusers folder and pass that"
-        )
+        from .single_file import check_suffix
+
+        check_suffix(p)  # an SD1.x single file in the original (LDM) layout, loaded by sdlora.single_file
+        return p
     if p.exists():
-        raise SdloraError(f"--base {base} is neither 'tiny', a diffusers folder nor a hub id")
+        raise SdloraError(f"--base {base} is neither 'tiny', a diffusers folder, a .safetensors/.ckpt file nor a hub id")
     if base.count("/") != 1 or base.startswith((".", "/", "~")):
         raise SdloraError(f"base model not found: {base} (expected 'tiny', a diffusers folder or a hub id like org/name)")
     return _hub_snapshot(base)
@@ -153,26 +154,18 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 def load_base(base: str = "tiny", precision: str = "fp32", device: str | torch.device = "cpu") -> BaseModel:
     """Load every component of a base in `precision`; the VAE stays fp32 under fp16 (SD VAEs overflow)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     _quiet_libraries()
     if precision not in DTYPES:
         raise SdloraError(f"unknown precision '{precision}'; choose fp32, fp16 or bf16")
     dtype = DTYPES[precision]
     path = resolve_base_path(base)
-    index = _read_index(path)
-    if "text_encoder_2" in index:
-        raise SdloraError(f"{base} is an SDXL model; this version of sdlora trains SD 1.x/2.x bases")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
-        te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
-        tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    except (OSError, ValueError, KeyError) as e:
-        raise SdloraError(f"could not load base model from {path}: {str(e).splitlines()[0]}") from None
+    vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    if path.is_file():
+        from .single_file import load_single_file
+
+        unet, vae, te, tok, sched = load_single_file(path, dtype, vae_dtype)
+    else:
+        unet, vae, te, tok, sched = _load_folder(base, path, dtype, vae_dtype)
     for m in (unet, vae, te):
         m.requires_grad_(False)
         m.eval()
@@ -190,6 +183,25 @@ def load_base(base: str = "tiny", precision: str = "fp32", device: str | torch.d
         dtype=dtype,
     )
     return bm.to(device)
+
+
+def _load_folder(base: str, path: Path, dtype: torch.dtype, vae_dtype: torch.dtype) -> tuple:
+    """The five components of a diffusers folder."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    index = _read_index(path)
+    if "text_encoder_2" in index:
+        raise SdloraError(f"{base} is an SDXL model; this version of sdlora trains SD 1.x/2.x bases")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
+        te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
+        tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    except (OSError, ValueError, KeyError) as e:
+        raise SdloraError(f"could not load base model from {path}: {str(e).splitlines()[0]}") from None
+    return unet, vae, te, tok, sched
 
 
 def _quiet_libraries() -> None:

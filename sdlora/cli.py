@@ -15,7 +15,7 @@ from .config import TrainConfig, make_config
 from .errors import SdloraError
 
 # Modules that add subcommands: each has `register(subparsers)` and keeps its handlers to itself.
-TOOL_COMMANDS: list[str] = []
+TOOL_COMMANDS: list[str] = ["cli_eval", "cli_merge", "cli_files"]
 
 EPILOG_TRAIN = """examples:
   sdlora train --images datasets/sketch --trigger "sks sketch" --rank 4
@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", default="tiny", help="base model: 'tiny', a diffusers folder or a hub id (default: tiny)")
+    p.add_argument("--base", default="tiny", help="base model: 'tiny', a diffusers folder, an SD1.x .safetensors/.ckpt file or a hub id (default: tiny)")
     p.add_argument("--prompt", required=True, help="prompt; A1111 tags like <lora:NAME:0.8> load LoRAs from --lora-dir")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:S[:TE]]",

@@ -35,12 +35,14 @@ class TrainConfig:
     center_crop: bool = opt(False, "crop to the bucket from the centre instead of a random (per-image, seeded) offset")
     cache_latents: str = opt("memory", "where VAE latents are cached: memory or disk (under the output folder)", choices=["memory", "disk"])
     # model
-    base: str = opt("tiny", "base model: 'tiny' (embedded), a diffusers folder or a hub id")
+    base: str = opt("tiny", "base model: 'tiny' (embedded), a diffusers folder, an SD1.x .safetensors/.ckpt file or a hub id")
     precision: str | None = opt(None, "dtype of the frozen base weights: fp32, fp16, bf16 (default: fp32 on CPU, bf16 on GPU)", choices=["fp32", "fp16", "bf16"])
     # LoRA
     rank: int = opt(4, "LoRA rank (dim)")
     alpha: float | None = opt(None, "LoRA alpha; the update is scaled by alpha/rank (default: alpha = rank)")
-    targets: str = opt("cross-attn", "UNet layers: cross-attn (attn2 q/k/v/out), attn (attn1+attn2), all-linear (kohya's set)", choices=["cross-attn", "attn", "all-linear"])
+    targets: str = opt("cross-attn", "UNet layers, comma-separated: cross-attn (attn2 q/k/v/out), attn (attn1+attn2), all-linear (kohya's set), conv (ResNet/resampler convs: LoCon), e.g. all-linear,conv")
+    conv_rank: int | None = opt(None, "rank of the LoRA on 3x3 convs (ResNet conv1/conv2, Downsample/Upsample) with --targets ...,conv (default: --rank)")
+    conv_alpha: float | None = opt(None, "alpha of the 3x3 conv LoRA (default: --conv-rank when given, else --alpha)")
     text_encoder: bool = opt(True, "also train a LoRA on the CLIP text encoder's attention")
     te_mlp: bool = opt(False, "include the text encoder's MLP (fc1/fc2) layers")
     lora_init: str = opt("kaiming", "init of the down matrix (up starts at zero)", choices=["kaiming", "gaussian"])
@@ -73,6 +75,9 @@ class TrainConfig:
     comment: str = opt("", "free text stored as ss_training_comment")
     description: str | None = opt(None, "modelspec description stored in the file")
     # monitoring
+    validation_split: float = opt(0.0, "hold out this fraction of the images (e.g. 0.1) to compute a validation loss")
+    validation_images: str | None = opt(None, "a separate folder of captioned images for the validation loss")
+    validation_every: int | None = opt(None, "validation loss every N steps (default: 10 times per run); the best adapter is kept as <name>-best.safetensors")
     sample_prompt: list[str] = opt([], "prompt to render during training (repeatable)", action="append")
     sample_every: int | None = opt(None, "render the sample prompts every N steps (and at the end)")
     sample_steps: int = opt(20, "sampling steps for sample images")
@@ -83,6 +88,12 @@ class TrainConfig:
 
     # Test hook: behave as if Ctrl-C arrived right after this step (exercises the interrupt path).
     interrupt_at_step: int | None = field(default=None, metadata={"hidden": True})
+
+    def conv_dims(self) -> tuple[int, float]:
+        """(rank, alpha) of kxk conv LoRAs; without --conv-rank they behave like every other layer."""
+        if self.conv_rank is None:
+            return self.rank, float(self.conv_alpha or self.alpha or self.rank)
+        return self.conv_rank, float(self.conv_alpha or self.conv_rank)
 
     def resolved_output(self) -> Path:
         return Path(self.output) if self.output else Path("output") / self.name
@@ -166,6 +177,13 @@ def validate(cfg: TrainConfig) -> None:
         _check_type(f, value)
         if choices and value is not None and value not in choices:
             raise SdloraError(f"invalid {f.name} '{value}': choose one of {', '.join(choices)}")
+    from .targets import parse_targets  # lazy: keeps torch out of `sdlora --help`
+
+    presets = parse_targets(cfg.targets)
+    if (cfg.conv_rank is not None or cfg.conv_alpha is not None) and "conv" not in presets:
+        raise SdloraError("--conv-rank/--conv-alpha need conv in --targets, e.g. --targets cross-attn,conv")
+    if cfg.conv_rank is not None and cfg.conv_rank < 1:
+        raise SdloraError("--conv-rank must be at least 1")
     if cfg.images is None and cfg.resume is None:
         raise SdloraError("no images: pass --images DIR (a folder of images with .txt captions)")
     for name in ("rank", "batch_size", "grad_accum"):

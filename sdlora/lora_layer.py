@@ -8,8 +8,10 @@ another), and keys must follow the kohya layout exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -53,6 +55,38 @@ class LoraAdapter(nn.Module):
         return torch.einsum("or,rikl->oikl", up.flatten(1), down) * self.scale
 
 
+class DeltaAdapter(nn.Module):
+    """A full weight update ΔW (LoHa, LoKr, DoRA, .diff...) on one layer: adds F.linear/F.conv2d(x, ΔW).
+
+    ΔW is given as a tensor or as a function of the base weight (DoRA needs it); the function runs once, on first
+    use, against the unfused base weight, and its fp32 result is kept as a non-persistent buffer.
+    """
+
+    def __init__(self, base: nn.Module, delta: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"a weight delta applies to Linear and Conv2d, not {type(base).__name__}")
+        self._base = [base]  # a list, so the base is not registered (and moved, saved) twice
+        self._compute = delta if callable(delta) else None
+        self.register_buffer("delta", None if callable(delta) else delta.detach().float().reshape(base.weight.shape),
+                             persistent=False)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in the base weight's shape, fp32."""
+        if self.delta is None:
+            w = self._base[0].weight
+            self.delta = self._compute(w.detach()).to(w.device, torch.float32).reshape(w.shape)
+        return self.delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dw = self.delta_weight()
+        base = self._base[0]
+        x = x.to(dw.dtype)
+        if isinstance(base, nn.Linear):
+            return F.linear(x, dw)
+        return F.conv2d(x, dw, None, base.stride, base.padding, base.dilation, base.groups)
+
+
 class LoraHost(nn.Module):
     """Replaces a targeted layer; `base` keeps the original weights untouched unless fused."""
 
@@ -64,7 +98,7 @@ class LoraHost(nn.Module):
         self.strengths: dict[str, float] = {}
         self._backup: torch.Tensor | None = None  # original weight while fused
 
-    def add(self, name: str, adapter: LoraAdapter, strength: float = 1.0) -> None:
+    def add(self, name: str, adapter: LoraAdapter | DeltaAdapter, strength: float = 1.0) -> None:
         self.adapters[name] = adapter.to(self.base.weight.device)
         self.strengths[name] = float(strength)
 

@@ -13,8 +13,9 @@ import torch
 
 from .adapter_file import AdapterFile, load_adapter
 from .base import BaseModel
+from .delta_weights import DeltaWeights
 from .errors import SdloraError
-from .lora_layer import LoraAdapter, LoraHost
+from .lora_layer import DeltaAdapter, LoraAdapter, LoraHost
 from .targets import all_lora_layers, ensure_host
 
 
@@ -77,28 +78,32 @@ class LoraMixer:
             name = f"{base_name}_{i}"
         layers = self._layers()
         fits, misfits = [], []
-        for key, w in adapter.modules.items():
+        for key, w in [*adapter.modules.items(), *adapter.deltas.items()]:
             hit = layers.get(key)
-            if hit is None or not _shape_fits(hit[2], w.down, w.up):
+            if hit is None or not _fits(hit[2], w):
                 misfits.append(key)
             else:
                 fits.append((key, hit, w))
+        total = len(adapter.modules) + len(adapter.deltas)
         if not fits:
             raise SdloraError(
-                f"{label} does not fit this base ({self.base.family.version}): 0 of {len(adapter.modules)} modules match"
+                f"{label} does not fit this base ({self.base.family.version}): 0 of {total} modules match"
                 f"{_arch_hint(misfits)}; unmatched e.g. {', '.join(misfits[:3])}"
             )
         if misfits:
             shown = ", ".join(misfits[:10]) + (f" and {len(misfits) - 10} more" if len(misfits) > 10 else "")
-            self.warn(f"{label}: {len(misfits)} of {len(adapter.modules)} modules do not fit this base and are ignored: {shown}")
+            self.warn(f"{label}: {len(misfits)} of {total} modules do not fit this base and are ignored: {shown}")
         hosts = []
         te_s = strength if te_strength is None else te_strength
         for key, (model, path, _, is_te), w in fits:
             host = ensure_host(model, path, key)
-            layer = LoraAdapter(host.base, w.rank, w.alpha)
-            with torch.no_grad():
-                layer.down.weight.copy_(w.down.reshape(layer.down.weight.shape))
-                layer.up.weight.copy_(w.up.reshape(layer.up.weight.shape))
+            if isinstance(w, DeltaWeights):
+                layer = DeltaAdapter(host.base, w.delta)  # computed on first use, from the unfused base weight
+            else:
+                layer = LoraAdapter(host.base, w.rank, w.alpha)
+                with torch.no_grad():
+                    layer.down.weight.copy_(w.down.reshape(layer.down.weight.shape))
+                    layer.up.weight.copy_(w.up.reshape(layer.up.weight.shape))
             layer.requires_grad_(False)
             host.add(name, layer, te_s if is_te else strength)
             if is_te:
@@ -154,6 +159,14 @@ def _safe_name(name: str) -> str:
     """Adapter names are ModuleDict keys: no dots, no clash with nn.Module attributes."""
     name = re.sub(r"[^0-9A-Za-z_]", "_", name)
     return name if name and not hasattr(torch.nn.ModuleDict(), name) else f"lora_{name}"
+
+
+def _fits(layer: torch.nn.Module, w: object) -> bool:
+    """Whether a LoRA pair or a weight delta matches the layer's kind and shape."""
+    base = layer.base if isinstance(layer, LoraHost) else layer
+    if isinstance(w, DeltaWeights):
+        return isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)) and w.fits(base.weight.shape)
+    return _shape_fits(base, w.down, w.up)
 
 
 def _shape_fits(layer: torch.nn.Module, down: torch.Tensor, up: torch.Tensor) -> bool:

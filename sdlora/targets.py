@@ -1,8 +1,9 @@
 """Which layers get a LoRA (`--targets`, `--text-encoder`, `--te-mlp`) and their kohya names.
 
 Layers are found inside blocks recognised by class (Transformer2DModel, BasicTransformerBlock,
-CLIP encoder layers) and counted against the architecture's config, so a library rename that
-hides a layer fails loudly instead of silently training fewer modules.
+ResnetBlock2D, Downsample2D, Upsample2D, CLIP encoder layers) and counted against the architecture,
+so a library rename that hides a layer fails loudly instead of silently training fewer modules.
+`--targets` is a comma-separated union of presets, e.g. `all-linear,conv`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,30 @@ UNET_TRANSFORMER_TARGETS = {"cross-attn": [], "attn": [], "all-linear": ["proj_i
 TE_ATTN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"]
 TE_MLP = ["mlp.fc1", "mlp.fc2"]
 PRESETS = tuple(UNET_BLOCK_TARGETS)
+# `conv` adds kohya's LoRA-C3Lier (LoCon) layers, by block class; conv_in/conv_out/time_embedding never.
+UNET_CONV_TARGETS = {
+    "ResnetBlock2D": ["conv1", "conv2", "time_emb_proj", "conv_shortcut"],
+    "Downsample2D": ["conv"],
+    "Upsample2D": ["conv"],
+}
+TARGET_CHOICES = (*PRESETS, "conv")
+
+
+def parse_targets(text: str) -> list[str]:
+    """`--targets` as a list of presets: comma-separated, each one of TARGET_CHOICES, duplicates dropped."""
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    for n in names or [""]:
+        if n not in TARGET_CHOICES:
+            raise SdloraError(
+                f"invalid targets '{text}' (unknown --targets value '{n}'): choose one or more of "
+                f"{', '.join(TARGET_CHOICES)}, comma-separated, e.g. all-linear,conv"
+            )
+    return list(dict.fromkeys(names))
+
+
+def uses_conv_rank(layer: nn.Module) -> bool:
+    """kohya's rule: kxk convs (k > 1) take --conv-rank/--conv-alpha; Linear and 1x1 convs the main rank/alpha."""
+    return isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) != (1, 1)
 
 
 @dataclass
@@ -70,16 +95,34 @@ def _classname(m: nn.Module) -> str:
     return type(m).__name__
 
 
-def unet_targets(unet: nn.Module, preset: str) -> list[Target]:
-    if preset not in UNET_BLOCK_TARGETS:
-        raise SdloraError(f"unknown --targets '{preset}'; choose one of {', '.join(PRESETS)}")
-    found = _collect(unet, lambda m: _classname(m) == "BasicTransformerBlock", UNET_BLOCK_TARGETS[preset], "lora_unet", False)
-    found += _collect(unet, lambda m: _classname(m) == "Transformer2DModel", UNET_TRANSFORMER_TARGETS[preset], "lora_unet", False)
+def unet_targets(unet: nn.Module, targets: str) -> list[Target]:
+    """UNet layers for `--targets` (one preset or a comma list), checked against the block counts."""
+    presets = parse_targets(targets)
+    linear = [p for p in presets if p != "conv"]
+    block_rels = list(dict.fromkeys(r for p in linear for r in UNET_BLOCK_TARGETS[p]))
+    transformer_rels = list(dict.fromkeys(r for p in linear for r in UNET_TRANSFORMER_TARGETS[p]))
+    found = _collect(unet, lambda m: _classname(m) == "BasicTransformerBlock", block_rels, "lora_unet", False)
+    found += _collect(unet, lambda m: _classname(m) == "Transformer2DModel", transformer_rels, "lora_unet", False)
     n_blocks = sum(1 for m in unet.modules() if _classname(m) == "BasicTransformerBlock")
     n_transformers = sum(1 for m in unet.modules() if _classname(m) == "Transformer2DModel")
-    expected = n_blocks * len(UNET_BLOCK_TARGETS[preset]) + n_transformers * len(UNET_TRANSFORMER_TARGETS[preset])
-    _check_count("UNet", preset, expected, len(found), n_blocks == 0)
+    expected = n_blocks * len(block_rels) + n_transformers * len(transformer_rels)
+    if "conv" in presets:
+        for cls, rels in UNET_CONV_TARGETS.items():
+            found += _collect(unet, lambda m, c=cls: _classname(m) == c, rels, "lora_unet", False)
+        expected += _expected_conv_layers(unet)
+    _check_count("UNet", ",".join(presets), expected, len(found), n_blocks == 0)
     return sorted(found, key=lambda t: t.kohya_name)
+
+
+def _expected_conv_layers(unet: nn.Module) -> int:
+    """Per ResnetBlock2D conv1, conv2, time_emb_proj (+ conv_shortcut when channels change); one conv per resampler."""
+    n = 0
+    for m in unet.modules():
+        if _classname(m) == "ResnetBlock2D":
+            n += 3 + bool(getattr(m, "use_in_shortcut", False))
+        elif _classname(m) in ("Downsample2D", "Upsample2D"):
+            n += bool(getattr(m, "use_conv", False))
+    return n
 
 
 def text_encoder_targets(te: nn.Module, prefix: str = "lora_te", mlp: bool = False) -> list[Target]:

@@ -34,7 +34,8 @@ from .errors import SdloraError
 from .latents import Example, encode_images, epoch_batches, sample_latents
 from .lora_layer import LoraAdapter, LoraHost
 from .metadata import training_metadata
-from .targets import ensure_host, text_encoder_targets, unet_targets
+from .targets import ensure_host, parse_targets, text_encoder_targets, unet_targets, uses_conv_rank
+from .validation import make_cases, split_items, validation_loss
 
 TRAIN_ADAPTER = "trainee"
 DEFAULT_STEPS = 500
@@ -107,10 +108,13 @@ def inject_lora(base: BaseModel, cfg: TrainConfig) -> tuple[list[LoraHost], list
     for t in targets:
         host = ensure_host(t.model, t.module_path, t.kohya_name)
         layer = host.base
+        conv = uses_conv_rank(layer)  # kxk convs take --conv-rank/--conv-alpha, as in kohya's LoCon
+        rank, alpha = cfg.conv_dims() if conv else (cfg.rank, cfg.alpha)
         limit = min(layer.weight.shape[0], layer.weight[0].numel())
-        if cfg.rank > limit:
-            raise SdloraError(f"--rank {cfg.rank} is larger than layer {t.kohya_name} allows ({limit})")
-        host.add(TRAIN_ADAPTER, LoraAdapter(layer, cfg.rank, cfg.alpha, cfg.lora_init).to(layer.weight.device))
+        if rank > limit:
+            flag = "--conv-rank" if conv and cfg.conv_rank is not None else "--rank"
+            raise SdloraError(f"{flag} {rank} is larger than layer {t.kohya_name} allows ({limit})")
+        host.add(TRAIN_ADAPTER, LoraAdapter(layer, rank, alpha, cfg.lora_init).to(layer.weight.device))
         groups[int(t.is_text_encoder)].append(host)
     return groups
 
@@ -176,6 +180,11 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     ckpt_dir = find_checkpoint(cfg.resume) if cfg.resume else None
     state = load_state(ckpt_dir) if ckpt_dir else None
     items = scan_images(cfg.images, cfg.caption_ext, cfg.trigger, warn)  # bad folders fail before anything loads
+    val_items: list = []
+    if cfg.validation_images:
+        val_items = scan_images(cfg.validation_images, cfg.caption_ext, cfg.trigger, warn)
+    elif cfg.validation_split:
+        items, val_items = split_items(items, cfg.validation_split, cfg.seed)
     device = pick_device(cfg)
     mp, weight_precision = pick_precisions(cfg, device)
     out = prepare_output(cfg)
@@ -185,6 +194,7 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     resolution = cfg.resolution or base.resolution
     cache_dir = out / "cache" if cfg.cache_latents == "disk" else None
     examples = encode_images(items, base.vae, resolution, cfg.buckets, cfg.center_crop, cfg.flip, cfg.seed, cache_dir, cfg.progress)
+    val_examples = encode_images(val_items, base.vae, resolution, cfg.buckets, True, False, cfg.seed, None, False) if val_items else []
     base.vae.to("cpu")  # not needed while training; frees GPU memory (sampling moves it back)
 
     unet_hosts, te_hosts = inject_lora(base, cfg)
@@ -192,7 +202,13 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     te_params = [p for h in te_hosts for p in h.adapters[TRAIN_ADAPTER].parameters()]
     info(f"LoRA rank {cfg.rank} on {len(unet_hosts)} UNet + {len(te_hosts)} text-encoder modules "
          f"({sum(p.numel() for p in unet_params + te_params):,} trainable parameters), attention: {attention}")
-    frozen_cond = None if cfg.text_encoder else encode_captions(base, sorted({e.item.caption for e in examples}))
+    all_captions = sorted({e.item.caption for e in examples + val_examples})
+    frozen_cond = None if cfg.text_encoder else encode_captions(base, all_captions)
+
+    def condition(captions: list[str]) -> dict[str, torch.Tensor]:
+        if frozen_cond is not None:
+            return {"encoder_hidden_states": torch.stack([frozen_cond[c] for c in captions]).to(device, base.dtype)}
+        return base.family.encode_prompt(base, base.family.tokenize(base, captions))
     if cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         base.unet.train()
@@ -204,10 +220,10 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     total = cfg.steps or (math.ceil(cfg.epochs * n_batches / cfg.grad_accum) if cfg.epochs else DEFAULT_STEPS)
     optimizer = accelerator.prepare(make_optimizer(cfg, unet_params, te_params, device))
     lr_sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=total)
-    step, started, ema, session = 0, time.time(), None, str(random.randrange(2**31))
+    step, started, ema, session, best_val = 0, time.time(), None, str(random.randrange(2**31)), math.inf
     if state is not None:
         step, started = _restore(state, unet_hosts + te_hosts, optimizer, lr_sched, accelerator)
-        ema, session = state["loss_smooth"], state["session_id"]
+        ema, session, best_val = state["loss_smooth"], state["session_id"], state["best_val_loss"]
         info(f"resuming from {ckpt_dir} at step {step}")
 
     sched = base.noise_scheduler
@@ -218,7 +234,7 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     def snapshot(folder: Path, step_now: int) -> Path:
         meta = _metadata(cfg, base, items, examples, resolution, mp, step_now, total, n_batches, started, None, session)
         state_now = {
-            "step": step_now, "loss_smooth": ema, "session_id": session, "epoch": step_now * cfg.grad_accum // n_batches,
+            "step": step_now, "loss_smooth": ema, "session_id": session, "best_val_loss": best_val, "epoch": step_now * cfg.grad_accum // n_batches,
             "batch_in_epoch": step_now * cfg.grad_accum % n_batches, "started": started,
             "lora_params": [p.detach().cpu() for p in unet_params + te_params],
             "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
@@ -226,6 +242,19 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
             "config": dataclasses.asdict(cfg) | {"resume": None, "interrupt_at_step": None},
         }
         return save_checkpoint(folder, state_now, lambda d: _save_adapter(d / f"{cfg.name}.safetensors", unet_hosts + te_hosts, meta, cfg))
+
+    val_cases = make_cases(val_examples, cfg.seed, scaling, sched.config.num_train_timesteps)
+    val_every = cfg.validation_every or max(1, total // 10)
+
+    def validate_now(step_now: int) -> float:
+        nonlocal best_val
+        vl = validation_loss(val_cases, base.unet, sched, condition, v_pred, accelerator.autocast)
+        if vl < best_val:
+            best_val = vl
+            meta = _metadata(cfg, base, items, examples, resolution, mp, step_now, total, n_batches, started, None, session)
+            meta["sdlora_validation_loss"] = f"{vl:.6f}"
+            _save_adapter(out / f"{cfg.name}-best.safetensors", unet_hosts + te_hosts, meta, cfg)
+        return vl
 
     log = open(out / "train_log.jsonl", "a", encoding="utf-8")
     writer = _tensorboard(out, cfg, warn)
@@ -253,11 +282,7 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
                 target = sched.get_velocity(latents, noise, t) if v_pred else noise
                 captions = [ex.item.caption for ex in batch]
                 with accelerator.autocast():
-                    if frozen_cond is not None:
-                        cond = {"encoder_hidden_states": torch.stack([frozen_cond[c] for c in captions]).to(device, base.dtype)}
-                    else:
-                        cond = base.family.encode_prompt(base, base.family.tokenize(base, captions))
-                    pred = base.unet(noisy.to(base.dtype), t, **cond).sample
+                    pred = base.unet(noisy.to(base.dtype), t, **condition(captions)).sample
                 loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 if cfg.min_snr_gamma:
                     snr = compute_snr(sched, t)
@@ -285,10 +310,15 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
             lr = lr_sched.get_last_lr()[0]
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.2e}")
-            log.write(json.dumps({"step": step, "loss": last_loss, "loss_smooth": ema, "lr": lr}) + "\n")
+            record = {"step": step, "loss": last_loss, "loss_smooth": ema, "lr": lr}
+            if val_cases and (step % val_every == 0 or step == total):
+                record["val_loss"] = validate_now(step)
+                bar.write(f"step {step}: validation loss {record['val_loss']:.4f} (best {best_val:.4f})")
+            log.write(json.dumps(record) + "\n")
             if writer:
-                writer.add_scalar("loss", last_loss, step)
-                writer.add_scalar("lr", lr, step)
+                for key in ("loss", "lr", "val_loss"):
+                    if key in record:
+                        writer.add_scalar(key, record[key], step)
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 snapshot(out / "checkpoints" / f"step-{step:06d}", step)
                 prune_checkpoints(out / "checkpoints", cfg.keep_checkpoints)
@@ -360,10 +390,12 @@ def _save_adapter(path: Path, hosts: list[LoraHost], meta: dict[str, str], cfg: 
 def _metadata(cfg, base, items, examples: list[Example], resolution, mp, step, total, n_batches, started, finished, session) -> dict[str, str]:
     te_lr = (cfg.te_lr if cfg.te_lr is not None else cfg.unet_lr / 2) if cfg.text_encoder else None
     buckets = sorted({ex.bucket for ex in examples})
+    conv_rank, conv_alpha = cfg.conv_dims()
+    conv_args = {"conv_dim": str(conv_rank), "conv_alpha": f"{conv_alpha:g}"} if "conv" in parse_targets(cfg.targets) else {}
     return training_metadata(
         output_name=cfg.name, base_model_version=base.family.version, v_prediction=base.family.v_prediction,
         rank=cfg.rank, alpha=cfg.alpha or cfg.rank,
-        network_args={"targets": cfg.targets, "text_encoder": cfg.text_encoder, "te_mlp": cfg.te_mlp},
+        network_args={"targets": cfg.targets, "text_encoder": cfg.text_encoder, "te_mlp": cfg.te_mlp, **conv_args},
         resolution=(resolution, resolution), unet_lr=cfg.unet_lr, te_lr=te_lr, learning_rate=cfg.unet_lr,
         optimizer=cfg.optimizer, lr_scheduler=cfg.lr_scheduler, lr_warmup_steps=cfg.lr_warmup_steps,
         max_grad_norm=cfg.max_grad_norm, steps=step, max_train_steps=total,

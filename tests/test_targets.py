@@ -38,6 +38,22 @@ def test_sd15_counts_match_kohya(sd15):
     assert "lora_te_text_model_encoder_layers_11_mlp_fc2" in {t.kohya_name for t in text_encoder_targets(te, mlp=True)}
 
 
+def test_sd15_conv_counts(sd15):
+    """LoCon on SD1.5: 22 ResnetBlock2D x (conv1, conv2, time_emb_proj) + 14 conv_shortcut + 3 down- + 3 upsamplers."""
+    from sdlora.targets import uses_conv_rank
+
+    unet = sd15[0]
+    conv = unet_targets(unet, "conv")
+    assert len(conv) == 86
+    assert len(unet_targets(unet, "all-linear,conv")) == 278  # kohya's LoRA-C3Lier set for SD1.x
+    assert len(unet_targets(unet, "conv,cross-attn,cross-attn")) == 86 + 64  # a union: duplicates count once
+    assert sum(uses_conv_rank(t.layer) for t in conv) == 50  # the 3x3 convs take --conv-rank
+    names = {t.kohya_name for t in conv}
+    assert {"lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_up_blocks_3_resnets_2_conv_shortcut",
+            "lora_unet_mid_block_resnets_1_time_emb_proj", "lora_unet_up_blocks_2_upsamplers_0_conv"} <= names
+    assert not any(n.startswith(("lora_unet_conv_in", "lora_unet_conv_out", "lora_unet_time_embedding")) for n in names)
+
+
 def test_a_renamed_layer_fails_loudly(sd15):
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from sdlora.base import load_base
 from sdlora.errors import SdloraError
 from sdlora.train import resume_config, train
 
@@ -30,8 +31,9 @@ def test_thirty_step_run_writes_a_complete_kohya_file(trained_lora):
         assert down.shape[0] == 4 and up.shape[1] == 4 and alpha.dim() == 0 and float(alpha) == 4.0
         assert torch.isfinite(down).all() and torch.isfinite(up).all()
     q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q"
-    assert tuple(tensors[f"{q}.lora_down.weight"].shape) == (4, 32)  # [rank, in]
-    assert tuple(tensors[f"{q}.lora_up.weight"].shape) == (32, 4)  # [out, rank]
+    width = load_base("tiny").unet.config.block_out_channels[0]
+    assert tuple(tensors[f"{q}.lora_down.weight"].shape) == (4, width)  # [rank, in]
+    assert tuple(tensors[f"{q}.lora_up.weight"].shape) == (width, 4)  # [out, rank]
     assert any(float(tensors[f"{n}.lora_up.weight"].abs().max()) > 0 for n in unet)  # it trained
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
     assert meta["ss_steps"] == "30" and meta["ss_base_model_version"] == "sd_v1" and meta["ss_seed"] == "7"
@@ -106,3 +108,36 @@ def test_user_folder_is_never_written(tmp_path, style_dir):
     assert {p: p.stat().st_mtime_ns for p in style_dir.rglob("*")} == before
     assert sorted(p.name for p in (tmp_path / "o" / "samples").iterdir()) == ["step-000001-0.png", "step-000002-0.png"]
     assert len(list((tmp_path / "o" / "cache").glob("latents-*.safetensors"))) == 1
+
+
+def test_validation_loss_is_logged_and_the_best_adapter_kept(tmp_path, style_dir):
+    result = train(quick_config(style_dir, tmp_path / "o", steps=12, validation_split=0.25, validation_every=4))
+    log = [json.loads(line) for line in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in log if "val_loss" in r]
+    assert [r["step"] for r in log if "val_loss" in r] == [4, 8, 12]
+    assert all(math.isfinite(v) for v in vals)
+    best = tmp_path / "o" / "lora-best.safetensors"
+    with safe_open(str(best), "pt") as f:
+        assert float(f.metadata()["sdlora_validation_loss"]) == pytest.approx(min(vals), abs=1e-6)
+    assert result.adapter.exists()
+    # 2 of the 8 images were held out: the training set shrank accordingly
+    with safe_open(str(result.adapter), "pt") as f:
+        assert f.metadata()["ss_num_train_images"] == "6"
+
+
+def test_validation_numbers_are_reproducible(tmp_path, style_dir):
+    """Fixed timesteps and noise: the step-0 adapter (zero up weights) gives the same value every time."""
+    from sdlora.base import load_base as lb
+    from sdlora.dataset import scan_images
+    from sdlora.latents import encode_images
+    from sdlora.validation import make_cases, validation_loss
+
+    base = lb("tiny")
+    ex = encode_images(scan_images(style_dir)[:2], base.vae, 128, True, True, False, 0, None, False)
+    cases = make_cases(ex, 0, base.vae.config.scaling_factor, 1000)
+    from contextlib import nullcontext
+
+    ids = {c: base.family.encode_prompt(base, base.family.tokenize(base, [c])) for c in {x.caption for x in cases}}
+    a = validation_loss(cases, base.unet, base.noise_scheduler, lambda caps: ids[caps[0]], False, nullcontext)
+    b = validation_loss(cases, base.unet, base.noise_scheduler, lambda caps: ids[caps[0]], False, nullcontext)
+    assert a == b and math.isfinite(a) and len(cases) == 10
