@@ -40,18 +40,18 @@ class TrainConfig:
     # LoRA
     rank: int = opt(4, "LoRA rank (dim)")
     alpha: float | None = opt(None, "LoRA alpha; the update is scaled by alpha/rank (default: alpha = rank)")
-    targets: str = opt("cross-attn", "UNet layers, comma-separated: cross-attn (attn2 q/k/v/out), attn (attn1+attn2), all-linear (kohya's set), conv (ResNet/resampler convs: LoCon), e.g. all-linear,conv")
+    targets: str | None = opt(None, "UNet layers, comma-separated: cross-attn (attn2 q/k/v/out), attn (attn1+attn2), all-linear (kohya's set), conv (ResNet/resampler convs: LoCon), e.g. all-linear,conv (default: cross-attn, or the base's recommendation: all-linear on tiny)")
     conv_rank: int | None = opt(None, "rank of the LoRA on 3x3 convs (ResNet conv1/conv2, Downsample/Upsample) with --targets ...,conv (default: --rank)")
     conv_alpha: float | None = opt(None, "alpha of the 3x3 conv LoRA (default: --conv-rank when given, else --alpha)")
     text_encoder: bool = opt(True, "also train a LoRA on the CLIP text encoder's attention")
     te_mlp: bool = opt(False, "include the text encoder's MLP (fc1/fc2) layers")
     lora_init: str = opt("kaiming", "init of the down matrix (up starts at zero)", choices=["kaiming", "gaussian"])
     # optimisation
-    steps: int | None = opt(None, "optimizer steps (default 500 unless --epochs is given)")
+    steps: int | None = opt(None, "optimizer steps (default 500, or the base's recommendation: 1000 on tiny; unless --epochs is given)")
     epochs: int | None = opt(None, "train for this many passes over the (repeated) images instead of --steps")
     batch_size: int = opt(1, "images per step")
     grad_accum: int = opt(1, "gradient accumulation steps")
-    unet_lr: float = opt(1e-4, "learning rate of the UNet LoRA")
+    unet_lr: float | None = opt(None, "learning rate of the UNet LoRA (default 1e-4, or the base's recommendation: 1e-3 on tiny)")
     te_lr: float | None = opt(None, "learning rate of the text-encoder LoRA (default: --unet-lr / 2)")
     optimizer: str = opt("adamw", "adamw, or adamw8bit (needs the bnb extra)", choices=["adamw", "adamw8bit"])
     weight_decay: float = opt(1e-2, "AdamW weight decay")
@@ -100,6 +100,25 @@ class TrainConfig:
 
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+# Used where neither the user nor the base (its sdlora_defaults.json) chose a value.
+FALLBACKS = {"unet_lr": 1e-4, "targets": "cross-attn", "steps": 500}
+BASE_DEFAULTS_FILE = "sdlora_defaults.json"
+
+
+def apply_base_defaults(cfg: TrainConfig, base_path: Path) -> TrainConfig:
+    """Fill options left unset from the base's recommendations, then from FALLBACKS."""
+    import dataclasses
+    import json
+
+    recommended = {}
+    f = Path(base_path) / BASE_DEFAULTS_FILE
+    if f.exists():
+        recommended = {k: v for k, v in json.loads(f.read_text()).items() if k in FALLBACKS}
+    values = {}
+    for key, fallback in FALLBACKS.items():
+        if getattr(cfg, key) is None and not (key == "steps" and cfg.epochs):
+            values[key] = recommended.get(key, fallback)
+    return dataclasses.replace(cfg, **values)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -179,7 +198,7 @@ def validate(cfg: TrainConfig) -> None:
             raise SdloraError(f"invalid {f.name} '{value}': choose one of {', '.join(choices)}")
     from .targets import parse_targets  # lazy: keeps torch out of `sdlora --help`
 
-    presets = parse_targets(cfg.targets)
+    presets = parse_targets(cfg.targets or "cross-attn")
     if (cfg.conv_rank is not None or cfg.conv_alpha is not None) and "conv" not in presets:
         raise SdloraError("--conv-rank/--conv-alpha need conv in --targets, e.g. --targets cross-attn,conv")
     if cfg.conv_rank is not None and cfg.conv_rank < 1:
@@ -197,5 +216,5 @@ def validate(cfg: TrainConfig) -> None:
         raise SdloraError("give --steps or --epochs, not both")
     if cfg.resolution is not None and (cfg.resolution < 64 or cfg.resolution % 64):
         raise SdloraError("--resolution must be a multiple of 64 (at least 64)")
-    if cfg.unet_lr <= 0 or (cfg.te_lr is not None and cfg.te_lr < 0):
+    if (cfg.unet_lr is not None and cfg.unet_lr <= 0) or (cfg.te_lr is not None and cfg.te_lr < 0):
         raise SdloraError("learning rates must be positive")

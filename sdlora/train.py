@@ -28,7 +28,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_states,
 )
-from .config import TrainConfig, validate
+from .config import TrainConfig, apply_base_defaults, validate
 from .dataset import dataset_dirs, scan_images, tag_frequency
 from .errors import SdloraError
 from .latents import Example, encode_images, epoch_batches, sample_latents
@@ -38,7 +38,6 @@ from .targets import ensure_host, parse_targets, text_encoder_targets, unet_targ
 from .validation import make_cases, split_items, validation_loss
 
 TRAIN_ADAPTER = "trainee"
-DEFAULT_STEPS = 500
 
 
 @dataclass
@@ -190,6 +189,7 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     out = prepare_output(cfg)
     accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
     base = load_base(cfg.base, weight_precision, device)
+    cfg = apply_base_defaults(cfg, base.path)
     attention = set_attention(base, cfg.attention, warn)
     resolution = cfg.resolution or base.resolution
     cache_dir = out / "cache" if cfg.cache_latents == "disk" else None
@@ -217,7 +217,7 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
             base.text_encoders["text_encoder"].train()
 
     n_batches = len(epoch_batches(examples, cfg.batch_size, cfg.seed, 0))
-    total = cfg.steps or (math.ceil(cfg.epochs * n_batches / cfg.grad_accum) if cfg.epochs else DEFAULT_STEPS)
+    total = cfg.steps or math.ceil(cfg.epochs * n_batches / cfg.grad_accum)
     optimizer = accelerator.prepare(make_optimizer(cfg, unet_params, te_params, device))
     lr_sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=total)
     step, started, ema, session, best_val = 0, time.time(), None, str(random.randrange(2**31)), math.inf

@@ -34,7 +34,7 @@ def quick_config(images, output, **kw):
     from sdlora.config import make_config
 
     values = dict(images=str(images), output=str(output), steps=30, rank=4, seed=7, progress=False,
-                  trigger="sks sketch", unet_lr=1e-3)
+                  trigger="sks sketch", unet_lr=1e-3, targets="cross-attn")
     values.update(kw)
     return make_config(None, **values)
 

@@ -27,13 +27,25 @@ def toml(tmp_path: Path, text: str, name: str = "preset.toml") -> Path:
 def test_defaults():
     cfg = make_config(None, images="imgs")
     assert cfg.images == "imgs" and cfg.base == "tiny"
-    assert cfg.rank == 4 and cfg.alpha is None and cfg.targets == "cross-attn" and cfg.text_encoder
+    assert cfg.rank == 4 and cfg.alpha is None and cfg.targets is None and cfg.text_encoder
     assert cfg.steps is None and cfg.epochs is None and cfg.batch_size == 1 and cfg.grad_accum == 1
-    assert cfg.unet_lr == 1e-4 and cfg.te_lr is None and cfg.lr_scheduler == "constant"
+    assert cfg.unet_lr is None and cfg.te_lr is None and cfg.lr_scheduler == "constant"
     assert cfg.seed == 42 and cfg.save_dtype == "fp16" and cfg.name == "lora" and not cfg.overwrite
     assert cfg.sample_prompt == [] and cfg.progress and not cfg.flip and cfg.buckets
     assert cfg.resolved_output() == Path("output") / "lora"
     assert make_config(None, images="i", output="o/x").resolved_output() == Path("o/x")
+
+
+def test_unset_options_take_the_base_recommendation_then_the_fallback(tmp_path):
+    from sdlora.config import apply_base_defaults
+    from sdlora.tiny_base import tiny_base_dir
+
+    plain = apply_base_defaults(make_config(None, images="i"), tmp_path)  # a base without recommendations
+    assert (plain.unet_lr, plain.targets, plain.steps) == (1e-4, "cross-attn", 500)
+    tiny = apply_base_defaults(make_config(None, images="i"), tiny_base_dir())
+    assert (tiny.unet_lr, tiny.targets, tiny.steps) == (1e-3, "all-linear", 1000)
+    mine = apply_base_defaults(make_config(None, images="i", unet_lr=2e-4, targets="attn", epochs=3), tiny_base_dir())
+    assert (mine.unet_lr, mine.targets, mine.steps) == (2e-4, "attn", None)  # explicit values and --epochs win
 
 
 def test_list_default_is_not_shared():
