@@ -99,7 +99,7 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _tensor_data_sha256(buffer: bytes) -> str:
+def tensor_data_sha256(buffer: bytes) -> str:
     """sha256 of a safetensors buffer past its 8-byte length and JSON header: the tensor bytes only."""
     header_len = int.from_bytes(buffer[:8], "little")
     return hashlib.sha256(memoryview(buffer)[8 + header_len :]).hexdigest()
@@ -114,7 +114,7 @@ def tensor_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     ss_metadata = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     buffer = safetensors.torch.save(tensors, ss_metadata)
     legacy = hashlib.sha256(buffer[_MB : _MB + _LEGACY_HASH_BYTES]).hexdigest()[:8]
-    return _tensor_data_sha256(buffer), legacy
+    return tensor_data_sha256(buffer), legacy
 
 
 def _check_pair(name: str, down: torch.Tensor, up: torch.Tensor, where: str) -> None:

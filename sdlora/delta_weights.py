@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from sdlora.errors import SdloraError
+from sdlora.lora_layer import compose_lora
 
 # What each family needs, as key suffixes (the kohya module name comes before them).
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -184,10 +185,7 @@ class DeltaWeights:
         if self.kind == "LoCon (Tucker)":
             return (_tucker(t["mid"], up.T, down) * self.scale).reshape(shape)
         # DoRA: a plain LoRA update, then the weight renormalised to the stored magnitude.
-        if down.dim() == 4 and down.shape[2:] != (1, 1):
-            lora = torch.einsum("or,rikl->oikl", up, down)
-        else:
-            lora = up @ down.flatten(1)
+        lora = compose_lora(up, down)
         w = base_weight.float()
         v = w + self.scale * lora.reshape(shape)
         m = t["dora_scale"]

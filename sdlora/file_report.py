@@ -14,7 +14,7 @@ from pathlib import Path
 
 import safetensors.torch
 
-from sdlora.adapter_file import AdapterFile, ModuleWeights, file_sha256, load_adapter, tensor_hashes
+from sdlora.adapter_file import AdapterFile, ModuleWeights, load_adapter, tensor_data_sha256, tensor_hashes
 from sdlora.file_meta import read_header
 
 # ss_* keys worth showing, with the label used in the text report.
@@ -118,11 +118,11 @@ def _is_zero(w: object) -> bool:
     return any(not t.any() for k, t in w.tensors.items() if k != "dora_scale")
 
 
-def _hashes(path: Path, header_len: int, adapter: AdapterFile) -> dict[str, object]:
+def _hashes(path: Path, adapter: AdapterFile) -> dict[str, object]:
     meta = adapter.metadata
     raw = path.read_bytes()
-    tensor_sha = hashlib.sha256(memoryview(raw)[8 + header_len :]).hexdigest()
-    file_sha = file_sha256(path)
+    tensor_sha = tensor_data_sha256(raw)
+    file_sha = hashlib.sha256(raw).hexdigest()  # the bytes are in memory already: no second read
     out: dict[str, object] = {
         "sha256": file_sha, "autov1": hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8], "autov2": file_sha[:10],
         "tensor_sha256": tensor_sha, "autov3": tensor_sha[:12],
@@ -166,7 +166,7 @@ def inspect_adapter(path: str | Path) -> dict[str, object]:
         "training": {k: meta[k] for k in TRAINING_KEYS if k in meta},
         "title": meta.get("modelspec.title"),
         "description": meta.get("modelspec.description"),
-        "hashes": _hashes(path, header_len, adapter),
+        "hashes": _hashes(path, adapter),
         "zero_modules": len(zero),
         "zero_module_names": zero,
     }

@@ -15,6 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def compose_lora(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """up @ down (unscaled) in the layer weight's layout: [out, in], or [out, in, k, k] for a conv (kxk down, 1x1 up)."""
+    if down.dim() == 2:
+        return up.flatten(1) @ down
+    if down.shape[2:] == (1, 1):
+        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], down.shape[1], 1, 1)
+    return torch.einsum("or,rikl->oikl", up.flatten(1), down)  # kxk down then 1x1 up: compose the kernels
+
+
 class LoraAdapter(nn.Module):
     """down/up pair of one LoRA on one layer. Parameters stay fp32 whatever the base dtype."""
 
@@ -46,13 +55,7 @@ class LoraAdapter(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The update this adapter adds to the base weight, in the base weight's shape."""
-        down, up = self.down.weight, self.up.weight
-        if down.dim() == 2:
-            return (up @ down) * self.scale
-        if down.shape[2:] == (1, 1):
-            return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], down.shape[1], 1, 1) * self.scale
-        # kxk down then 1x1 up: compose the kernels
-        return torch.einsum("or,rikl->oikl", up.flatten(1), down) * self.scale
+        return compose_lora(self.up.weight, self.down.weight) * self.scale
 
 
 class DeltaAdapter(nn.Module):

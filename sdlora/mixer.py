@@ -169,8 +169,7 @@ def _fits(layer: torch.nn.Module, w: object) -> bool:
     return _shape_fits(base, w.down, w.up)
 
 
-def _shape_fits(layer: torch.nn.Module, down: torch.Tensor, up: torch.Tensor) -> bool:
-    base = layer.base if isinstance(layer, LoraHost) else layer
+def _shape_fits(base: torch.nn.Module, down: torch.Tensor, up: torch.Tensor) -> bool:
     if isinstance(base, torch.nn.Linear):
         return down.dim() == 2 and down.shape[1] == base.in_features and up.shape[0] == base.out_features
     if isinstance(base, torch.nn.Conv2d):

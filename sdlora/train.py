@@ -260,7 +260,7 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     writer = _tensorboard(out, cfg, warn)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timing = {"t0": None, "n0": 0}
+    t0, n0 = None, 0  # it/s is timed from the 6th step on, excluding warm-up
     bar = tqdm(total=total, initial=step, desc="training", disable=not cfg.progress, unit="step", dynamic_ncols=True)
     try:
         while step < total:
@@ -303,9 +303,9 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
             optimizer.zero_grad(set_to_none=True)
             step += 1
             # ---- bookkeeping
-            if timing["t0"] is None and step - first_step >= min(5, total - first_step - 1):
+            if t0 is None and step - first_step >= min(5, total - first_step - 1):
                 _sync(device)
-                timing["t0"], timing["n0"] = time.perf_counter(), step
+                t0, n0 = time.perf_counter(), step
             ema = last_loss if ema is None else 0.95 * ema + 0.05 * last_loss
             lr = lr_sched.get_last_lr()[0]
             bar.update(1)
@@ -338,7 +338,7 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
             writer.close()
 
     _sync(device)
-    speed = (step - timing["n0"]) / (time.perf_counter() - timing["t0"]) if timing["t0"] and step > timing["n0"] else None
+    speed = (step - n0) / (time.perf_counter() - t0) if t0 and step > n0 else None
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     meta = _metadata(cfg, base, items, examples, resolution, mp, step, total, n_batches, started, time.time(), session)
     path = out / f"{cfg.name}.safetensors"
