@@ -1,7 +1,9 @@
 """Train the embedded tiny base on the procedural world (sdlora/world.py).
 
 Stage `vae`: an SD-shaped AutoencoderKL (8x down, 4 latent channels) on renders of every style,
-then the world checker (sdlora/checker.py) on renders passed through that VAE.
+then the world checker (sdlora/checker.py) on renders passed through that VAE: every style alone, and
+two-style composites (world.ink_mix / world.split_mix) labelled with both styles.
+Stage `checker`: the checker alone, on the VAE already in --out (fits a CPU when fine-tuned with --checker-init).
 Stage `unet`: UNet2DConditionModel + CLIPTextModel trained together from scratch on plain-style
 renders with their captions (10% captions dropped for classifier-free guidance), EMA weights kept;
 then 200 held-out prompts are generated and judged, and the folder is written in fp16 with a model card.
@@ -40,13 +42,17 @@ SIZE = 128
 # ----------------------------------------------------------------------------- data
 
 
-def _render_one(job: tuple[str, int, int, bool]) -> tuple[np.ndarray, str, tuple]:
-    style, seed, index, single = job
+def _scene(seed: int, index: int, single: bool) -> world.Scene:
     rng = random.Random(f"{seed}/{index}")
     while True:
         scene = world.random_scene(rng)
         if (not single or len(scene.shapes) == 1) and not world.is_held_out(scene):
-            break
+            return scene
+
+
+def _render_one(job: tuple[str, int, int, bool]) -> tuple[np.ndarray, str, tuple]:
+    style, seed, index, single = job
+    scene = _scene(seed, index, single)
     s = scene.shapes[0]
     return np.asarray(world.render(style, scene, SIZE)), world.caption(scene), (s.colour, s.kind)
 
@@ -106,56 +112,119 @@ def train_vae(args, device) -> dict:
 
 
 @torch.no_grad()
-def through_vae(vae, images: np.ndarray, device) -> np.ndarray:
+def through_vae(vae, images: np.ndarray, device, batch: int = 256) -> np.ndarray:
     out = []
-    for i in range(0, len(images), 256):
-        rec = vae.decode(vae.encode(to_pixels(images[i : i + 256], device)).latent_dist.sample()).sample
+    for i in range(0, len(images), batch):
+        rec = vae.decode(vae.encode(to_pixels(images[i : i + batch], device)).latent_dist.sample()).sample
         out.append(((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 
 
-def train_checker(args, vae, device) -> dict:
-    from safetensors.torch import save_file
+def _mixes(job: tuple[np.ndarray, int, int]) -> tuple[list[np.ndarray], list[tuple[str, str]]]:
+    """Two-style composites of one scene (its VAE-passed renders in world.STYLES order): sketch's ink printed over
+    another style, and each pair split as objects in one style over the other's background."""
+    from PIL import Image
 
-    from sdlora.checker import COLOUR_NAMES, INPUT, SHAPE_NAMES, Checker
+    renders, seed, index = job
+    scene = _scene(seed, index, True)
+    ims = {s: Image.fromarray(r) for s, r in zip(world.STYLES, renders)}
+    rng = random.Random(f"mix/{seed}/{index}")
+    out, pairs = [], []
+    for a, b in world.MIXES:
+        if "sketch" in (a, b):  # multiply only where one style is ink on paper; pastel x halftone would hide pastel
+            out.append(np.asarray(world.ink_mix([ims[a], ims[b]])))
+            pairs.append((a, b))
+        front, back = (a, b) if rng.random() < 0.5 else (b, a)
+        out.append(np.asarray(world.split_mix(ims[front], ims[back], scene)))
+        pairs.append((a, b))
+    return out, pairs
+
+
+def checker_data(args, vae, device) -> dict[str, torch.Tensor]:
+    """VAE-passed renders of single-object scenes in every style plus two-style composites, with labels.
+    The first 200 scenes are held out for the accuracy report."""
+    from sdlora.checker import COLOUR_NAMES, INPUT, SHAPE_NAMES
 
     styles = list(world.STYLES)
-    n_scenes = args.checker_scenes
-    images, _, labels = render_pool(styles, n_scenes * len(styles), args.seed + 1, args.workers, single=True)
-    images = through_vae(vae, images, device)
-    x = F.interpolate(to_pixels(images, device), size=(INPUT, INPUT), mode="bilinear", antialias=True)
-    colour = torch.tensor([COLOUR_NAMES.index(c) for c, _ in labels], device=device)
-    shape = torch.tensor([SHAPE_NAMES.index(k) for _, k in labels], device=device)
-    style = torch.tensor([i % len(styles) for i in range(len(labels))], device=device)
-    n_val = len(styles) * 200
+    n = args.checker_scenes
+    t0 = time.time()
+    renders, _, labels = render_pool(styles, n * len(styles), args.seed + 1, args.workers, single=True)
+    print(f"rendered {len(labels)} images in {time.time() - t0:.0f}s", flush=True)
+    t0 = time.time()
+    renders = through_vae(vae, renders, device, batch=32)
+    print(f"passed through the VAE in {time.time() - t0:.0f}s", flush=True)
+    # composed from the VAE-passed renders (the VAE is near-identity up to blur), which halves the VAE cost on a CPU
+    by_scene = renders.reshape(n, len(styles), *renders.shape[1:])
+    with mp.get_context("fork").Pool(args.workers) as pool:
+        mixed = pool.map(_mixes, [(by_scene[i], args.seed + 1, i) for i in range(n)], chunksize=16)
+    images = [renders] + [np.stack(m) for m, _ in mixed]
+    main = labels[:: len(styles)]
+    colour = [COLOUR_NAMES.index(c) for c, _ in labels] + [COLOUR_NAMES.index(main[i][0]) for i, (m, _) in enumerate(mixed) for _ in m]
+    shape = [SHAPE_NAMES.index(k) for _, k in labels] + [SHAPE_NAMES.index(main[i][1]) for i, (m, _) in enumerate(mixed) for _ in m]
+    style = F.one_hot(torch.arange(len(labels)) % len(styles), len(styles)).float()
+    multi = torch.zeros(sum(len(m) for m, _ in mixed), len(styles))
+    row = 0
+    for _, pairs in mixed:
+        for a, b in pairs:
+            multi[row, [styles.index(a), styles.index(b)]] = 1.0
+            row += 1
+    scene = torch.cat([torch.arange(len(labels)) // len(styles), torch.tensor([i for i, (m, _) in enumerate(mixed) for _ in m])])
+    x = F.interpolate(to_pixels(np.concatenate(images), device), size=(INPUT, INPUT), mode="bilinear", antialias=True)
+    return {"x": x, "colour": torch.tensor(colour, device=device), "shape": torch.tensor(shape, device=device),
+            "style": torch.cat([style, multi]).to(device), "held_out": (scene < 200).to(device)}
+
+
+def train_checker(args, vae, device) -> dict:
+    """Colour and shape heads (softmax) and independent style heads (sigmoid: a two-LoRA mix shows two),
+    trained on single-style renders and on composites where both styles are really drawn."""
+    from safetensors.torch import load_file, save_file
+
+    from sdlora.checker import Checker
+
+    d = checker_data(args, vae, device)
+    x, colour, shape, style = d["x"], d["colour"], d["shape"], d["style"]
+    train_idx, val_idx = (~d["held_out"]).nonzero().squeeze(1), d["held_out"].nonzero().squeeze(1)
+    single = style.sum(1) == 1
     torch.manual_seed(args.seed)
     model = Checker().to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    if args.checker_init:  # fine-tune (e.g. the shipped checker) instead of starting from scratch
+        model.load_state_dict(load_file(str(args.checker_init)))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.checker_lr, weight_decay=1e-4)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    for _ in range(args.checker_steps):
-        idx = torch.randint(n_val, len(x), (256,), device=device, generator=g)
-        xb, st = x[idx], F.one_hot(style[idx], len(styles)).float()
-        # half the batch: blend the same scene in two styles 50/50; both styles are then "shown"
-        other = (idx - idx % len(styles)) + torch.randint(0, len(styles), (256,), device=device, generator=g)
-        blend = torch.rand(256, device=device, generator=g) < 0.5
-        xb = torch.where(blend[:, None, None, None], 0.5 * (xb + x[other]), xb)
-        st = torch.where(blend[:, None], (st + F.one_hot(style[other], len(styles)).float()).clamp(max=1), st)
-        xb = xb + 0.03 * torch.randn(xb.shape, device=device, generator=g)
+    t0 = time.time()
+    for step in range(args.checker_steps):
+        for grp in opt.param_groups:  # short warm-up: Adam's first full-size steps would knock a fine-tuned model about
+            grp["lr"] = args.checker_lr * min(1.0, (step + 1) / 50)
+        idx = train_idx[torch.randint(0, len(train_idx), (args.checker_batch,), device=device, generator=g)]
+        xb = x[idx] + 0.03 * torch.randn((len(idx), *x.shape[1:]), device=device, generator=g)
         c, s, sl = model(xb)
-        loss = F.cross_entropy(c, colour[idx]) + F.cross_entropy(s, shape[idx]) + F.binary_cross_entropy_with_logits(sl, st)
+        loss = F.cross_entropy(c, colour[idx]) + F.cross_entropy(s, shape[idx]) + F.binary_cross_entropy_with_logits(sl, style[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if (step + 1) % 100 == 0:
+            print(f"checker step {step + 1} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
     model.eval()
+    acc = {}
     with torch.no_grad():
-        c, s, sl = model(x[:n_val])
-        acc = {
-            "checker_colour_acc": (c.argmax(1) == colour[:n_val]).float().mean().item(),
-            "checker_shape_acc": (s.argmax(1) == shape[:n_val]).float().mean().item(),
-            "checker_style_acc": (sl.argmax(1) == style[:n_val]).float().mean().item(),
-        }
+        c, s, sl = (torch.cat(t) for t in zip(*(model(x[val_idx[i : i + 256]]) for i in range(0, len(val_idx), 256))))
+        p = torch.sigmoid(sl)
+        ok_c, ok_s = c.argmax(1) == colour[val_idx], s.argmax(1) == shape[val_idx]
+        vs, vsingle = style[val_idx], single[val_idx]
+        for k, name in enumerate(world.STYLES):  # per style: can it read colour and shape in that style?
+            rows = vsingle & (vs[:, k] == 1)
+            acc[f"checker_{name}_colour_acc"] = ok_c[rows].float().mean().item()
+            acc[f"checker_{name}_shape_acc"] = ok_s[rows].float().mean().item()
+        acc["checker_colour_acc"] = ok_c[vsingle].float().mean().item()
+        acc["checker_shape_acc"] = ok_s[vsingle].float().mean().item()
+        acc["checker_style_acc"] = (p[vsingle].argmax(1) == vs[vsingle].argmax(1)).float().mean().item()
+        acc["checker_mix_colour_acc"] = ok_c[~vsingle].float().mean().item()
+        acc["checker_mix_both_styles_acc"] = ((p[~vsingle] > 0.5) == (vs[~vsingle] > 0.5)).all(1).float().mean().item()
+        acc["checker_plain_read_as_styled"] = (p[vsingle & (vs[:, 0] == 1), 1:] > 0.5).any(1).float().mean().item()
+    acc |= {"checker_steps": args.checker_steps, "checker_scenes": args.checker_scenes, "checker_seconds": round(time.time() - t0),
+            "checker_init": str(args.checker_init) if args.checker_init else None}
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(args.out / "checker.safetensors"))
-    print(f"checker on {n_val} held-out VAE-passed renders: {acc}", flush=True)
+    print(f"checker on {len(val_idx)} held-out VAE-passed images (200 scenes): {acc}", flush=True)
     return acc
 
 
@@ -250,10 +319,14 @@ def evaluate(args, device) -> dict:
     colour = float(np.mean([v == s.shapes[0].colour for v, s in zip(verdict["colour"], scenes)]))
     shape = float(np.mean([v == s.shapes[0].kind for v, s in zip(verdict["shape"], scenes)]))
     plain = float(verdict["style"][:, world.STYLES.index("plain")].mean())
+    styled = {s: float(verdict["style"][:, k].mean()) for k, s in enumerate(world.STYLES) if s != "plain"}
+    read_as_styled = float((verdict["style"][:, 1:] > 0.5).any(1).mean())  # the plain base must not look styled
     grid = _grid(images[:32])
     grid.save(args.out / "samples.png")
-    print(f"held-out prompts: colour {colour:.3f}, shape {shape:.3f}, plain-style {plain:.3f}", flush=True)
+    print(f"held-out prompts: colour {colour:.3f}, shape {shape:.3f}, plain-style {plain:.3f}, other styles {styled}, "
+          f"read as styled {read_as_styled:.3f}", flush=True)
     return {"eval_prompts": len(scenes), "eval_colour_acc": colour, "eval_shape_acc": shape, "eval_plain_style": plain,
+            "eval_other_style_scores": styled, "eval_read_as_styled": read_as_styled,
             "eval_sampler": "DPM++ 20 steps, CFG 7.5, seeds 0-199"}
 
 
@@ -269,7 +342,7 @@ def _grid(images, cols: int = 8):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", choices=["vae", "unet", "eval", "all"], default="all")
+    ap.add_argument("--stage", choices=["vae", "checker", "unet", "eval", "all"], default="all")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=max(1, mp.cpu_count()))
@@ -281,6 +354,9 @@ def main() -> None:
     ap.add_argument("--vae-kl", type=float, default=1e-6)
     ap.add_argument("--checker-scenes", type=int, default=3000)
     ap.add_argument("--checker-steps", type=int, default=1500)
+    ap.add_argument("--checker-batch", type=int, default=256)
+    ap.add_argument("--checker-lr", type=float, default=2e-3)
+    ap.add_argument("--checker-init", type=Path, help="fine-tune the checker from these weights (e.g. sdlora/assets/checker.safetensors)")
     ap.add_argument("--unet-images", type=int, default=40000)
     ap.add_argument("--unet-steps", type=int, default=1_000_000)
     ap.add_argument("--unet-minutes", type=float, default=7.0)
@@ -298,10 +374,11 @@ def main() -> None:
     log_path = args.out / "build_log.json"
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
     log |= {"seed": args.seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
-    if args.stage in ("vae", "all"):
+    if args.stage in ("vae", "checker", "all"):  # `checker` retrains it alone, on the VAE already in --out
         from diffusers import AutoencoderKL
 
-        log |= train_vae(args, device)
+        if args.stage != "checker":
+            log |= train_vae(args, device)
         vae = AutoencoderKL.from_pretrained(args.out / "vae").float().to(device).eval()
         log |= train_checker(args, vae, device)
     if args.stage in ("unet", "all"):

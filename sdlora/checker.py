@@ -2,8 +2,10 @@
 
 A small CNN, trained on renders that went through the tiny base's VAE (so it sees the same
 blur a generated image has), reads the main object's colour and shape and, with independent
-sigmoid outputs, whether each style shows. Shipped in the package; `scripts/build_tiny_base.py`
-trains it. No such judge exists for real bases, where `sdlora eval` reports pixel statistics only.
+sigmoid outputs, whether each style shows. It learns colour and shape in every style, and learns
+two-style images from composites where both styles are really drawn (world.ink_mix/split_mix),
+since two mixed style LoRAs draw both looks at once rather than a faded average of two pictures.
+Shipped in the package; `scripts/build_tiny_base.py` trains it. No such judge exists for real bases, where `sdlora eval` reports pixel statistics only.
 """
 
 from __future__ import annotations

@@ -335,6 +335,31 @@ def render(style: str, scene: Scene, size: int) -> Image.Image:
     return Image.fromarray(pixels, "RGB").resize((size, size), Image.Resampling.LANCZOS)
 
 
+MIXES = (("sketch", "pastel"), ("sketch", "halftone"), ("pastel", "halftone"))  # pairs a checker learns to read
+
+
+def ink_mix(images: list[Image.Image]) -> Image.Image:
+    """Renders of one scene printed on the same paper (multiply): every style's marks stay at full contrast,
+    e.g. sketch's pencil lines over halftone's dots, as a model draws them when two style LoRAs are mixed.
+    (A 50/50 pixel average halves every mark instead, which no mixed model draws.)"""
+    out = np.ones_like(np.asarray(images[0], dtype=np.float32))
+    for im in images:
+        out *= np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    return Image.fromarray(np.rint(out * 255.0).astype(np.uint8), "RGB")
+
+
+def split_mix(shapes: Image.Image, background: Image.Image, scene: Scene) -> Image.Image:
+    """The scene's objects as drawn in one style (with a margin for outlines and shadows) over the
+    background of another: both styles really drawn, each at full strength, where multiply would hide one."""
+    size = shapes.size[0]
+    side = size * _SUPERSAMPLE
+    mask = Image.new("L", (side, side), 0)
+    for shape in scene.shapes:
+        mask = ImageChops.lighter(mask, _mask(_outline(shape, side), side))
+    mask = mask.resize((size, size), Image.Resampling.BILINEAR).filter(ImageFilter.MaxFilter(2 * round(size * 0.02) + 1))
+    return Image.composite(shapes.convert("RGB"), background.convert("RGB"), mask)
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 
