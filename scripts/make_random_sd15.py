@@ -33,25 +33,29 @@ TEXT = dict(
 )
 
 
-def main() -> None:
+# A small model of the same layout, for CPU smoke tests of the benchmark scripts.
+SMALL = (
+    UNET | dict(sample_size=8, block_out_channels=(32, 32, 64, 64), cross_attention_dim=64, attention_head_dim=2, norm_num_groups=8),
+    VAE | dict(sample_size=64, block_out_channels=(16, 16, 32, 32), norm_num_groups=8),
+    TEXT | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, projection_dim=64),
+)
+
+
+def write_random_base(out: Path, dtype: torch.dtype = torch.float16, device: str = "cpu", small: bool = False) -> Path:
+    """Random-weight SD1.5-layout diffusers folder (seed 0); `small` shrinks every width for CPU tests."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--single-file", metavar="OUT.safetensors", help="also write an LDM-layout single-file checkpoint")
-    args = ap.parse_args()
-    out, dtype = Path(args.out), {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    unet_cfg, vae_cfg, text_cfg = SMALL if small else (UNET, VAE, TEXT)
+    out = Path(out)
     torch.manual_seed(0)
-    with torch.device(args.device):
-        unet = UNet2DConditionModel(**UNET)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_cfg)
         print(f"UNet parameters: {sum(p.numel() for p in unet.parameters()):,}")
         unet.to(dtype).save_pretrained(out / "unet")
         del unet
-        AutoencoderKL(**VAE).to(dtype).save_pretrained(out / "vae")
-        CLIPTextModel(CLIPTextConfig(**TEXT)).to(dtype).save_pretrained(out / "text_encoder")
+        AutoencoderKL(**vae_cfg).to(dtype).save_pretrained(out / "vae")
+        CLIPTextModel(CLIPTextConfig(**text_cfg)).to(dtype).save_pretrained(out / "text_encoder")
     CLIPTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(out / "tokenizer")
     DDPMScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
     index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
@@ -59,6 +63,19 @@ def main() -> None:
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
              "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--single-file", metavar="OUT.safetensors", help="also write an LDM-layout single-file checkpoint")
+    ap.add_argument("--small", action="store_true", help="tiny widths, same layout (for CPU tests)")
+    args = ap.parse_args()
+    out, dtype = Path(args.out), {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    write_random_base(out, dtype, args.device, args.small)
     print(f"wrote {out}")
     if args.single_file:
         from sdlora.base import load_base

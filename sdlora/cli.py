@@ -86,6 +86,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="weight dtype (default: fp32 on CPU, fp16 on GPU)")
     p.add_argument("--device", help="cpu, cuda... (default: cuda when available)")
     p.add_argument("--fuse", action="store_true", help="merge the LoRA mix into the weights while sampling (faster), unmerged exactly after")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a GPU, replay the UNet steps from CUDA graphs (default: on)")
     p.add_argument("--output", default="output/images", help="folder for the PNGs (default: output/images)")
 
 
@@ -109,7 +111,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for spec, adapter in zip(specs, adapters):
         mixer.add(adapter, spec.strength, spec.te_strength)
     run = lambda: generate_images(  # noqa: E731
-        base, prompt, args.negative, args.seed, args.steps, args.guidance, args.width, args.height, args.num_images, args.scheduler
+        base, prompt, args.negative, args.seed, args.steps, args.guidance, args.width, args.height, args.num_images, args.scheduler,
+        args.cuda_graph,
     )
     if args.fuse and specs:
         with mixer.fused():

@@ -61,6 +61,11 @@ class TrainConfig:
     mixed_precision: str | None = opt(None, "autocast precision: no, fp16 (with grad scaler), bf16 (default: no on CPU, bf16 on GPU)", choices=["no", "fp16", "bf16"])
     attention: str = opt("sdpa", "attention kernel: sdpa (PyTorch) or xformers (optional extra)", choices=["sdpa", "xformers"])
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet and text encoder")
+    # speed (GPU; see BENCHMARKS.md for what each one measured)
+    cuda_graph: bool = opt(True, "on a GPU, capture the whole training step once as a CUDA graph and replay it (several times faster at batch 1-4; needs --grad-accum 1 and bf16/fp32)")
+    compile: str = opt("auto", "torch.compile the UNet (GPU): on, off, or auto = on only when the run is long enough to repay ~150 s of compiling per image shape (about 35k steps at batch 1, 14k at 4, 6k at 16)", choices=["auto", "on", "off"])
+    channels_last: str = opt("auto", "NHWC memory layout for the UNet's convolutions: on, off, or auto (on for GPU batches of up to 4, where it measured faster)", choices=["auto", "on", "off"])
+    sdpa_backend: str | None = opt(None, "force a PyTorch attention kernel: flash, cudnn, efficient or math (default: PyTorch's choice)", choices=["flash", "cudnn", "efficient", "math"])
     noise_offset: float = opt(0.0, "noise offset (0.05-0.1 helps very dark/bright images)")
     min_snr_gamma: float | None = opt(None, "min-SNR loss weighting gamma (5 is common)")
     seed: int = opt(42, "random seed: same seed and data give the same adapter")
@@ -88,6 +93,8 @@ class TrainConfig:
 
     # Test hook: behave as if Ctrl-C arrived right after this step (exercises the interrupt path).
     interrupt_at_step: int | None = field(default=None, metadata={"hidden": True})
+    # Benchmark knob: keep autocast on even when the base weights already are the autocast dtype.
+    autocast_bf16_weights: bool = field(default=False, metadata={"hidden": True})
 
     def conv_dims(self) -> tuple[int, float]:
         """(rank, alpha) of kxk conv LoRAs; without --conv-rank they behave like every other layer."""
@@ -100,6 +107,7 @@ class TrainConfig:
 
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+HIDDEN = {f.name for f in fields(TrainConfig) if f.metadata.get("hidden")}
 # Used where neither the user nor the base (its sdlora_defaults.json) chose a value.
 FALLBACKS = {"unet_lr": 1e-4, "targets": "cross-attn", "steps": 500}
 BASE_DEFAULTS_FILE = "sdlora_defaults.json"
@@ -133,8 +141,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     out = {}
     for key, value in _flatten(data).items():
         name = key.replace("-", "_")
-        if name not in FIELD_NAMES or name == "interrupt_at_step":
-            close = difflib.get_close_matches(name, sorted(FIELD_NAMES - {"interrupt_at_step"}), n=1)
+        if name not in FIELD_NAMES or name in HIDDEN:
+            close = difflib.get_close_matches(name, sorted(FIELD_NAMES - HIDDEN), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise SdloraError(f"unknown option '{key}' in {p}{hint}")
         if name == "sample_prompt" and isinstance(value, str):

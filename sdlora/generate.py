@@ -28,8 +28,14 @@ def generate_images(
     height: int | None = None,
     num_images: int = 1,
     scheduler: str | None = None,
+    cuda_graph: bool = True,
 ) -> list[Image.Image]:
-    """Image i uses seed + i on a CPU generator, so results do not depend on batch size or device."""
+    """Image i uses seed + i on a CPU generator, so results do not depend on batch size or device.
+
+    On a GPU the UNet steps are replayed from CUDA graphs (sdlora/unet_graph.py) unless cuda_graph is False.
+    """
+    from .unet_graph import graphed_unet
+
     size = base.resolution
     width, height = width or size, height or size
     if width % 8 or height % 8:
@@ -39,16 +45,17 @@ def generate_images(
     latents = torch.stack(
         [torch.randn((4, height // base.vae_scale_factor, width // base.vae_scale_factor), generator=g) for g in generators]
     ).to(base.unet.device, base.unet.dtype)
-    out = pipe(
-        [prompt] * num_images,
-        negative_prompt=[negative] * num_images if negative else None,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        width=width,
-        height=height,
-        latents=latents,
-        output_type="latent",
-    ).images
+    with graphed_unet(base.unet, cuda_graph):
+        out = pipe(
+            [prompt] * num_images,
+            negative_prompt=[negative] * num_images if negative else None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            width=width,
+            height=height,
+            latents=latents,
+            output_type="latent",
+        ).images
     # Decode ourselves: under fp16 the VAE stays fp32 (SD VAEs overflow in fp16), which the pipeline does not handle.
     vae = base.vae
     pixels = vae.decode(out.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample

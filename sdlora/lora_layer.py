@@ -24,6 +24,30 @@ def compose_lora(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return torch.einsum("or,rikl->oikl", up.flatten(1), down)  # kxk down then 1x1 up: compose the kernels
 
 
+_structure_version = [0]
+
+
+def structure_version() -> int:
+    """Changes whenever some host's forward would launch different kernels (adapters added or removed, fused,
+    unfused, a strength baked into a kernel changed). A captured CUDA graph of an older version is stale."""
+    return _structure_version[0]
+
+
+def _bump() -> None:
+    _structure_version[0] += 1
+
+
+def add_low_rank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """y + scale * x @ down.T @ up.T for a Linear layer, with the scale and the sum folded into one addmm.
+
+    Fewer, larger kernels matter here: at batch 1 a LoRA step is bound by kernel launches, and the naive
+    form (cast x, two matmuls, two scalings, a cast, an add) costs 7 launches per layer instead of 3.
+    """
+    h = F.linear(x, down.to(x.dtype))
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.to(x.dtype).t(), alpha=scale)
+    return out.view(y.shape)
+
+
 class LoraAdapter(nn.Module):
     """down/up pair of one LoRA on one layer. Parameters stay fp32 whatever the base dtype."""
 
@@ -93,6 +117,11 @@ class DeltaAdapter(nn.Module):
 class LoraHost(nn.Module):
     """Replaces a targeted layer; `base` keeps the original weights untouched unless fused."""
 
+    # Inference with frozen adapters: None = on GPUs, keep one merged copy of the weight (W + sum s*dW) and run
+    # the layer once, as fast as no LoRA (the base weight itself stays untouched); False = add the adapters'
+    # low-rank products (less memory: the CPU default). Tests set True to check the GPU path on the CPU.
+    merged_inference: bool | None = None
+
     def __init__(self, base: nn.Module, kohya_name: str):
         super().__init__()
         self.base = base
@@ -100,28 +129,107 @@ class LoraHost(nn.Module):
         self.adapters = nn.ModuleDict()
         self.strengths: dict[str, float] = {}
         self._backup: torch.Tensor | None = None  # original weight while fused
+        # Inference caches, reset by add/remove/fuse; frozen adapters' weights are not edited in place (the mixer
+        # copies them in before add), so strengths are all that can change under them, and set_strength updates
+        # both in place (so CUDA graphs that read them stay valid).
+        self._stacked: tuple | None = None  # ((dtype, device), (down, up)): all LoRAs as one low-rank pair
+        self._merged: torch.Tensor | None = None  # W + sum s*dW in W's dtype
+
+    def _reset(self) -> None:
+        self._stacked = self._merged = None
+        _bump()
 
     def add(self, name: str, adapter: LoraAdapter | DeltaAdapter, strength: float = 1.0) -> None:
         self.adapters[name] = adapter.to(self.base.weight.device)
         self.strengths[name] = float(strength)
+        self._reset()
+
+    def set_strength(self, name: str, strength: float) -> None:
+        """Updates the inference caches in place when it can, so captured CUDA graphs stay valid."""
+        was_active = any(self.strengths.values())
+        self.strengths[name] = float(strength)
+        if self._trainable():
+            return self._reset()
+        if self._merged is not None:
+            self._merged.copy_(self._merged_weight())
+            return None
+        pure = all(isinstance(a, LoraAdapter) for a in self.adapters.values())
+        if self._stacked is not None and self._stacked[1] is not None and pure and was_active == any(self.strengths.values()):
+            _, up = self._stack(self._stacked[1][1].dtype, up_only=True)
+            self._stacked[1][1].copy_(up)
+            return None
+        return self._reset()
 
     def remove(self, name: str) -> None:
         if self.fused:
             raise RuntimeError("unfuse before removing an adapter")
         del self.adapters[name]
         self.strengths.pop(name)
+        self._reset()
+
+    def _trainable(self) -> bool:
+        """Adapters being trained change in place, so an inference copy would go stale."""
+        return any(p.requires_grad for a in self.adapters.values() for p in a.parameters())
 
     @property
     def fused(self) -> bool:
         return self._backup is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused or not self.adapters:
+            return self.base(x)
+        frozen = not torch.is_grad_enabled() and not self._trainable()
+        merge = self.merged_inference if self.merged_inference is not None else x.is_cuda
+        if frozen and merge:
+            return self._merged_forward(x)
         y = self.base(x)
-        if self.fused:
-            return y
+        linear = isinstance(self.base, nn.Linear)
+        if linear and frozen:
+            return self._frozen_linear(x, y)
         for name, adapter in self.adapters.items():
             s = self.strengths[name]
-            if s != 0.0:  # strength 0 skips the adapter so the output is the base bit-for-bit
+            if s == 0.0:  # strength 0 skips the adapter so the output is the base bit-for-bit
+                continue
+            if linear and isinstance(adapter, LoraAdapter):
+                y = add_low_rank(y, x, adapter.down.weight, adapter.up.weight, adapter.scale * s)
+            else:
+                y = y + (adapter(x) * s).to(y.dtype)
+        return y
+
+    @torch.no_grad()
+    def _merged_weight(self) -> torch.Tensor:
+        w = self.base.weight
+        delta = sum((a.delta_weight() * s for n, a in self.adapters.items() if (s := self.strengths[n]) != 0.0),
+                    torch.zeros((), device=w.device))
+        return (w.float() + delta).to(w.dtype)
+
+    def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._merged is None or self._merged.device != self.base.weight.device:
+            self._merged = self._merged_weight()
+        b = self.base
+        if isinstance(b, nn.Linear):
+            return F.linear(x, self._merged, b.bias)
+        return F.conv2d(x, self._merged, b.bias, b.stride, b.padding, b.dilation, b.groups)
+
+    def _stack(self, dtype: torch.dtype, up_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """Every LoRA of this layer as one low-rank pair, strengths folded into up (zero strengths add exact zeros)."""
+        lora = [(a, self.strengths[n]) for n, a in self.adapters.items() if isinstance(a, LoraAdapter)]
+        if not lora or not any(s for _, s in lora):
+            return None
+        downs = None if up_only else torch.cat([a.down.weight for a, _ in lora]).to(dtype)
+        return downs, torch.cat([a.up.weight * (a.scale * s) for a, s in lora], dim=1).to(dtype)
+
+    def _frozen_linear(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Inference: all LoRAs of the layer in one stacked low-rank pair, so 3 LoRAs cost what 1 does."""
+        key = (x.dtype, x.device)
+        if self._stacked is None or self._stacked[0] != key:
+            self._stacked = (key, self._stack(x.dtype))
+        pair = self._stacked[1]
+        if pair is not None:
+            y = add_low_rank(y, x, pair[0], pair[1], 1.0)
+        for name, adapter in self.adapters.items():
+            s = self.strengths[name]
+            if s and not isinstance(adapter, LoraAdapter):
                 y = y + (adapter(x) * s).to(y.dtype)
         return y
 
@@ -137,12 +245,14 @@ class LoraHost(nn.Module):
         )
         self._backup = w.detach().clone()
         w.copy_((w.float() + delta).to(w.dtype))
+        self._reset()
 
     @torch.no_grad()
     def unfuse(self) -> None:
         if self._backup is not None:
             self.base.weight.copy_(self._backup)
             self._backup = None
+            self._reset()
 
 
 def iter_hosts(model: nn.Module):

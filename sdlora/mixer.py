@@ -117,7 +117,7 @@ class LoraMixer:
         for host in self._hosts(name):
             if host.fused:
                 raise SdloraError("unfuse before changing strengths")
-            host.strengths[name] = te_s if id(host) in self._te_hosts else strength
+            host.set_strength(name, te_s if id(host) in self._te_hosts else strength)
 
     def remove(self, name: str) -> None:
         for host in self._hosts(name):

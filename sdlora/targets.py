@@ -75,6 +75,10 @@ def _resolve(root: nn.Module, rel: str) -> nn.Module | None:
         m = root.get_submodule(rel)
     except AttributeError:
         return None
+    from .lora_layer import LoraHost
+
+    if isinstance(m, LoraHost):  # already wrapped (a LoRA loaded or trained before): target the layer inside
+        m = m.base
     return m if isinstance(m, (nn.Linear, nn.Conv2d)) else None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapter_file import ModuleWeights, save_adapter
@@ -35,9 +35,15 @@ from .latents import Example, encode_images, epoch_batches, sample_latents
 from .lora_layer import LoraAdapter, LoraHost
 from .metadata import training_metadata
 from .targets import ensure_host, parse_targets, text_encoder_targets, unet_targets, uses_conv_rank
+from .train_step import MicroBatch, SpeedOptions, TrainStep, to_device
 from .validation import make_cases, split_items, validation_loss
 
 TRAIN_ADAPTER = "trainee"
+# --compile auto: compile only where it repays itself. Measured on an H100, SD1.5 at 512 px (BENCHMARKS.md, issue 5):
+# compiling costs ~150 s per input shape and saves this many ms per step over the CUDA-graph step, by batch size.
+COMPILE_SECONDS, COMPILE_SAVES_MS = 150.0, {1: 4.5, 4: 10.7, 16: 27.0}
+CHANNELS_LAST_AUTO_BATCH = 4  # --channels-last auto: faster up to here, slower at 16 (BENCHMARKS.md, issue 5)
+LOG_EVERY = 10  # losses are read back from the GPU every this many steps, not every step
 
 
 @dataclass
@@ -126,11 +132,16 @@ def lora_weights(hosts: list[LoraHost]) -> dict[str, ModuleWeights]:
     return out
 
 
-def make_optimizer(cfg: TrainConfig, unet_params: list, te_params: list, device: torch.device):
+def make_optimizer(cfg: TrainConfig, unet_params: list, te_params: list, device: torch.device, capturable: bool = False):
+    """AdamW (fused on GPUs). `capturable`: learning rates live on the GPU so a CUDA graph sees the schedule."""
     te_lr = cfg.te_lr if cfg.te_lr is not None else cfg.unet_lr / 2
     groups = [{"params": unet_params, "lr": cfg.unet_lr}]
     if te_params:
         groups.append({"params": te_params, "lr": te_lr})
+    if capturable:
+        for g in groups:  # initial_lr stays a float, so the scheduler computes on the host and never syncs
+            g["initial_lr"], g["lr"] = g["lr"], torch.tensor(g["lr"], dtype=torch.float32, device=device)
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True, capturable=True)
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -138,6 +149,40 @@ def make_optimizer(cfg: TrainConfig, unet_params: list, te_params: list, device:
             raise SdloraError("--optimizer adamw8bit needs bitsandbytes: pip install 'sdlora[bnb]'") from None
         return bnb.optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+
+def use_cuda_graph(cfg: TrainConfig, device: torch.device, mp: str) -> bool:
+    return cfg.cuda_graph and device.type == "cuda" and cfg.optimizer == "adamw" and cfg.grad_accum == 1 and mp != "fp16"
+
+
+def compile_pays(steps: int, batch: int) -> bool:
+    """Would the steps saved repay the compilation? (nearest measured batch size on a log scale)"""
+    nearest = min(COMPILE_SAVES_MS, key=lambda b: abs(math.log(b / batch)))
+    return steps * COMPILE_SAVES_MS[nearest] / 1000 > COMPILE_SECONDS
+
+
+def build_train_step(base: BaseModel, cfg: TrainConfig, params: list, optimizer, accelerator, mp: str, encode,
+                     total_steps: int, info: Callable[[str], None] = _info) -> TrainStep:
+    """The step `sdlora train` runs; scripts/bench_train.py times this same object."""
+    if cfg.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        base.unet.train()
+        if cfg.text_encoder:
+            base.text_encoders["text_encoder"].gradient_checkpointing_enable({"use_reentrant": False})
+            base.text_encoders["text_encoder"].train()
+    model, device = base.unet, base.unet.device
+    if cfg.sdpa_backend not in (None, "math") and device.type != "cuda":
+        raise SdloraError(f"--sdpa-backend {cfg.sdpa_backend} needs a CUDA GPU; leave it unset on the CPU")
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda" and compile_pays(total_steps, cfg.batch_size)):
+        info("compiling the UNet with torch.compile (takes a few minutes on the first steps)")
+        torch._dynamo.config.automatic_dynamic_shapes = False  # each bucket shape gets its own static kernels
+        model = torch.compile(model)  # a wrapper: validation and samples keep using the eager UNet
+    nhwc = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda" and cfg.batch_size <= CHANNELS_LAST_AUTO_BATCH)
+    speed = SpeedOptions(cuda_graph=use_cuda_graph(cfg, device, mp), channels_last=nhwc,
+                         autocast=cfg.autocast_bf16_weights, sdpa_backend=cfg.sdpa_backend, log=info)
+    return TrainStep(model, encode, base.noise_scheduler, params, optimizer, accelerator, mixed_precision=mp,
+                     max_grad_norm=cfg.max_grad_norm, min_snr_gamma=cfg.min_snr_gamma,
+                     v_prediction=base.family.v_prediction, speed=speed)
 
 
 def step_generator(seed: int, micro_step: int) -> torch.Generator:
@@ -173,7 +218,6 @@ def resume_config(cfg_overrides: dict, resume: str) -> tuple[TrainConfig, Path]:
 def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[[str], None] = _info) -> TrainResult:
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import compute_snr
 
     validate(cfg)
     ckpt_dir = find_checkpoint(cfg.resume) if cfg.resume else None
@@ -187,6 +231,8 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     device = pick_device(cfg)
     mp, weight_precision = pick_precisions(cfg, device)
     out = prepare_output(cfg)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the peak reported covers the whole run, caching included
     accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
     base = load_base(cfg.base, weight_precision, device)
     cfg = apply_base_defaults(cfg, base.path)
@@ -203,22 +249,33 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     info(f"LoRA rank {cfg.rank} on {len(unet_hosts)} UNet + {len(te_hosts)} text-encoder modules "
          f"({sum(p.numel() for p in unet_params + te_params):,} trainable parameters), attention: {attention}")
     all_captions = sorted({e.item.caption for e in examples + val_examples})
-    frozen_cond = None if cfg.text_encoder else encode_captions(base, all_captions)
+    row = {c: i for i, c in enumerate(all_captions)}
+    if cfg.text_encoder:  # captions are tokenized once; the text encoder (with its LoRA) runs in every step
+        token_ids = base.family.tokenize(base, all_captions)
+        encode = functools.partial(base.family.encode_prompt, base)
+
+        def cond_input(captions: list[str]) -> dict[str, torch.Tensor]:
+            idx = torch.tensor([row[c] for c in captions])
+            return {k: to_device(v[idx], device) for k, v in token_ids.items()}
+    else:  # frozen text encoder: each caption is encoded once and kept on the device
+        frozen = encode_captions(base, all_captions)
+        cached = torch.stack([frozen[c] for c in all_captions]).to(device, base.dtype)
+        for te in base.text_encoders.values():
+            te.to("cpu")  # not needed again until samples are drawn: frees its GPU memory
+
+        def encode(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return cond
+
+        def cond_input(captions: list[str]) -> dict[str, torch.Tensor]:
+            return {"encoder_hidden_states": cached[to_device(torch.tensor([row[c] for c in captions]), device)]}
 
     def condition(captions: list[str]) -> dict[str, torch.Tensor]:
-        if frozen_cond is not None:
-            return {"encoder_hidden_states": torch.stack([frozen_cond[c] for c in captions]).to(device, base.dtype)}
-        return base.family.encode_prompt(base, base.family.tokenize(base, captions))
-    if cfg.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-        base.unet.train()
-        if cfg.text_encoder:
-            base.text_encoders["text_encoder"].gradient_checkpointing_enable({"use_reentrant": False})
-            base.text_encoders["text_encoder"].train()
+        return encode(cond_input(captions))
 
     n_batches = len(epoch_batches(examples, cfg.batch_size, cfg.seed, 0))
     total = cfg.steps or math.ceil(cfg.epochs * n_batches / cfg.grad_accum)
-    optimizer = accelerator.prepare(make_optimizer(cfg, unet_params, te_params, device))
+    capturable = use_cuda_graph(cfg, device, mp)
+    optimizer = accelerator.prepare(make_optimizer(cfg, unet_params, te_params, device, capturable))
     lr_sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=total)
     step, started, ema, session, best_val = 0, time.time(), None, str(random.randrange(2**31)), math.inf
     if state is not None:
@@ -230,6 +287,47 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     v_pred = base.family.v_prediction
     scaling = base.vae.config.scaling_factor
     last_loss, batches_epoch, batches, first_step = float("nan"), -1, [], step
+    run_step = build_train_step(base, cfg, unet_params + te_params, optimizer, accelerator, mp, encode, total, info)
+    pending: list[tuple[int, torch.Tensor, float]] = []  # (step, loss on the device, lr) not yet logged
+
+    def micro_batch(micro: int) -> MicroBatch:
+        nonlocal batches, batches_epoch
+        epoch, pos = divmod(micro, n_batches)
+        if epoch != batches_epoch:
+            batches, batches_epoch = epoch_batches(examples, cfg.batch_size, cfg.seed, epoch), epoch
+        batch = [examples[i] for i in batches[pos]]
+        g = step_generator(cfg.seed, micro)
+        flips = torch.rand(len(batch), generator=g) < 0.5 if cfg.flip else torch.zeros(len(batch), dtype=torch.bool)
+        latents = sample_latents(batch, flips, g, scaling)
+        noise = torch.randn(latents.shape, generator=g)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(batch),), generator=g)
+        return MicroBatch(to_device(latents, device), to_device(noise, device), to_device(t, device),
+                          cond_input([ex.item.caption for ex in batch]))
+
+    def flush(extra: dict | None = None) -> None:
+        """Log the pending steps' losses: one read-back from the GPU for many steps."""
+        nonlocal ema, last_loss
+        if not pending:
+            return
+        values = torch.stack([loss for _, loss, _ in pending]).tolist()
+        for (s, _, lr), value in zip(pending, values):
+            if not math.isfinite(value):
+                raise SdloraError(
+                    f"loss became {value} at step {s}; stopped. The last good adapter is the latest "
+                    f"checkpoint in {out / 'checkpoints'}; try a lower learning rate or --mixed-precision bf16"
+                )
+            last_loss = value
+            ema = value if ema is None else 0.95 * ema + 0.05 * value
+            record = {"step": s, "loss": value, "loss_smooth": ema, "lr": lr} | (extra if s == step and extra else {})
+            log.write(json.dumps(record) + "\n")
+            if writer:
+                for key in ("loss", "lr", "val_loss"):
+                    if key in record:
+                        writer.add_scalar(key, record[key], s)
+        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{pending[-1][2]:.2e}")
+        pending.clear()
 
     def snapshot(folder: Path, step_now: int) -> Path:
         meta = _metadata(cfg, base, items, examples, resolution, mp, step_now, total, n_batches, started, None, session)
@@ -258,68 +356,28 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
 
     log = open(out / "train_log.jsonl", "a", encoding="utf-8")
     writer = _tensorboard(out, cfg, warn)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     t0, n0 = None, 0  # it/s is timed from the 6th step on, excluding warm-up
     bar = tqdm(total=total, initial=step, desc="training", disable=not cfg.progress, unit="step", dynamic_ncols=True)
     try:
         while step < total:
-            # ---- one optimizer step = grad_accum micro-batches
-            for k in range(cfg.grad_accum):
-                micro = step * cfg.grad_accum + k
-                epoch, pos = divmod(micro, n_batches)
-                if epoch != batches_epoch:
-                    batches, batches_epoch = epoch_batches(examples, cfg.batch_size, cfg.seed, epoch), epoch
-                batch = [examples[i] for i in batches[pos]]
-                g = step_generator(cfg.seed, micro)
-                flips = torch.rand(len(batch), generator=g) < 0.5 if cfg.flip else torch.zeros(len(batch), dtype=torch.bool)
-                latents = sample_latents(batch, flips, g, scaling).to(device)
-                noise = torch.randn(latents.shape, generator=g).to(device)
-                if cfg.noise_offset:
-                    noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g).to(device)
-                t = torch.randint(0, sched.config.num_train_timesteps, (len(batch),), generator=g).to(device)
-                noisy = sched.add_noise(latents, noise, t)
-                target = sched.get_velocity(latents, noise, t) if v_pred else noise
-                captions = [ex.item.caption for ex in batch]
-                with accelerator.autocast():
-                    pred = base.unet(noisy.to(base.dtype), t, **condition(captions)).sample
-                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                if cfg.min_snr_gamma:
-                    snr = compute_snr(sched, t)
-                    weight = snr.clamp(max=cfg.min_snr_gamma) / (snr + 1 if v_pred else snr)
-                    loss = loss * weight
-                loss = loss.mean()
-                last_loss = loss.item()
-                if not math.isfinite(last_loss):
-                    raise SdloraError(
-                        f"loss became {last_loss} at step {step + 1}; stopped. The last good adapter is the latest "
-                        f"checkpoint in {out / 'checkpoints'}; try a lower learning rate or --mixed-precision bf16"
-                    )
-                accelerator.backward(loss / cfg.grad_accum)
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(unet_params + te_params, cfg.max_grad_norm)
-            optimizer.step()
+            micro = [micro_batch(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
+            loss = run_step(micro)
             lr_sched.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
+            pending.append((step, loss, current_lr(lr_sched)))
             # ---- bookkeeping
             if t0 is None and step - first_step >= min(5, total - first_step - 1):
                 _sync(device)
                 t0, n0 = time.perf_counter(), step
-            ema = last_loss if ema is None else 0.95 * ema + 0.05 * last_loss
-            lr = lr_sched.get_last_lr()[0]
             bar.update(1)
-            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.2e}")
-            record = {"step": step, "loss": last_loss, "loss_smooth": ema, "lr": lr}
+            extra = {}
             if val_cases and (step % val_every == 0 or step == total):
-                record["val_loss"] = validate_now(step)
-                bar.write(f"step {step}: validation loss {record['val_loss']:.4f} (best {best_val:.4f})")
-            log.write(json.dumps(record) + "\n")
-            if writer:
-                for key in ("loss", "lr", "val_loss"):
-                    if key in record:
-                        writer.add_scalar(key, record[key], step)
+                extra["val_loss"] = validate_now(step)
+                bar.write(f"step {step}: validation loss {extra['val_loss']:.4f} (best {best_val:.4f})")
+            if extra or step % LOG_EVERY == 0 or step == total:
+                flush(extra)
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                flush()
                 snapshot(out / "checkpoints" / f"step-{step:06d}", step)
                 prune_checkpoints(out / "checkpoints", cfg.keep_checkpoints)
             if cfg.sample_prompt and cfg.sample_every and step % cfg.sample_every == 0 and step < total:
@@ -328,6 +386,7 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
+        flush()
         folder = snapshot(out / "checkpoints" / f"step-{step:06d}", step)
         info(f"interrupted at step {step}/{total}: saved {folder}; continue with: sdlora train --resume {out}")
         return TrainResult(folder / f"{cfg.name}.safetensors", step, last_loss, interrupted=True, checkpoint=folder)
@@ -348,6 +407,13 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     if cfg.sample_prompt:
         render_samples(base, cfg, out, step)
     return TrainResult(path, step, last_loss, steps_per_second=speed, peak_vram_gib=peak)
+
+
+def current_lr(lr_sched) -> float:
+    """The UNet learning rate, computed on the host: reading a GPU-resident lr back would sync every step."""
+    if hasattr(lr_sched, "lr_lambdas"):
+        return lr_sched.base_lrs[0] * lr_sched.lr_lambdas[0](lr_sched.last_epoch)
+    return float(lr_sched.get_last_lr()[0])
 
 
 def _sync(device: torch.device) -> None:
@@ -429,7 +495,9 @@ def render_samples(base: BaseModel, cfg: TrainConfig, out: Path, step: int) -> l
     folder = out / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     device = base.unet.device
-    base.vae.to(device)
+    parked = [m for m in (base.vae, *base.text_encoders.values()) if m.device != device]
+    for m in parked:
+        m.to(device)
     paths = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for i, prompt in enumerate(cfg.sample_prompt):
@@ -437,7 +505,8 @@ def render_samples(base: BaseModel, cfg: TrainConfig, out: Path, step: int) -> l
             p = folder / f"step-{step:06d}-{i}.png"
             img.save(p)
             paths.append(p)
-    base.vae.to("cpu")
+    for m in parked:
+        m.to("cpu")
     return paths
 
 

@@ -125,8 +125,10 @@ def test_diffusers_load_lora_weights_gives_the_same_images(trained_lora, tmp_pat
     n_unet = sum(1 for n, _ in pipe2.unet.named_modules() if n.endswith("lora_A"))
     assert (n_unet, n_te) == (64, 48)  # diffusers matched every module, text encoder included
     theirs = pipe2(PROMPT, num_inference_steps=4, latents=lat.clone(), output_type="np").images
-    # fp32 on CPU: only summation order differs between the two LoRA implementations
-    assert np.abs(ours - theirs).max() < 1e-4
+    # fp32 on CPU: only rounding differs (sdlora folds the scale into one addmm). This strong random LoRA makes
+    # sampling chaotic: scaling the LoRA output by (1 + 1e-7) alone moves these pixels by ~1e-3 (measured).
+    assert np.abs(ours - theirs).max() < 5e-3
+    assert np.abs(ours - theirs).mean() < 2e-4
     assert np.abs(ours - np.asarray(plain, dtype=np.float32) / 255).mean() > 0.01  # and the LoRA did something
 
 
@@ -163,3 +165,45 @@ def test_lora_specs_and_a1111_prompt_tags(trained_lora, tmp_path):
     # A1111 also resolves the ss_output_name alias ("lora" for the trained file)
     _, specs = extract_prompt_loras("x <lora:lora:1>", d)
     assert specs[0].path.endswith("mystyle.safetensors")
+
+
+@pytest.mark.parametrize("merged", [False, True])  # True: the GPU default (one merged weight per layer)
+def test_strength_change_updates_inference_weights_in_place_and_structure_changes_are_versioned(merged, monkeypatch):
+    """What a captured CUDA graph of the UNet relies on (sdlora/unet_graph.py), checked on the CPU."""
+    from torch import nn
+
+    from sdlora.lora_layer import LoraAdapter, LoraHost, structure_version
+
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    monkeypatch.setattr(LoraHost, "merged_inference", merged)
+    host = LoraHost(lin, "x")
+    a, b = LoraAdapter(lin, 4), LoraAdapter(lin, 2)
+    for ad in (a, b):
+        nn.init.normal_(ad.up.weight)
+        ad.requires_grad_(False)
+    host.add("a", a, 0.7)
+    host.add("b", b, 0.2)
+    x = torch.randn(3, 16)
+
+    def reference(sa: float, sb: float) -> torch.Tensor:
+        return lin(x) + a.up(a.down(x)) * sa + b.up(b.down(x)) * b.scale * sb
+
+    with torch.no_grad():
+        torch.testing.assert_close(host(x), reference(0.7, 0.2))
+        cache = host._merged if merged else host._stacked[1][1]
+        v = structure_version()
+        host.set_strength("a", -0.3)  # in place: the same tensor, new values, no new structure
+        assert (host._merged if merged else host._stacked[1][1]) is cache and structure_version() == v
+        torch.testing.assert_close(host(x), reference(-0.3, 0.2))
+        host.set_strength("a", 0.0)
+        host.set_strength("b", 0.0)  # all off: the output is the base's, bit for bit
+        if not merged:
+            assert structure_version() > v  # the low-rank path then skips the layer: a structural change
+        assert torch.equal(host(x), lin(x))
+        v = structure_version()
+        host.fuse()
+        assert structure_version() > v
+        host.unfuse()
+        host.remove("b")
+        assert structure_version() > v + 1

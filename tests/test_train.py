@@ -80,7 +80,7 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, style_dir):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, style_dir, monkeypatch):
-    import sdlora.train as tr
+    import sdlora.train_step as tr
 
     real = tr.F.mse_loss
     calls = {"n": 0}

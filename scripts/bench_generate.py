@@ -1,0 +1,160 @@
+"""Issue 5: generation time per denoising step with 0, 1 and 3 LoRAs active, unfused and fused, and how long
+changing strengths takes without reloading the base. One process, SD1.5-architecture base with random weights.
+
+Per case: the diffusers pipeline (DPM++, CFG 7.5, 512 px, output_type="latent" so the VAE is left out) runs
+--steps steps --repeats times; the median of (time / steps) is reported. LoRA files are random, in sdlora's
+kohya layout, for each --targets layout (cross-attn: what `sdlora train` writes; all-linear: kohya's usual set).
+
+GPU:  python scripts/bench_generate.py --json benchmarks/bench-generate.json
+CPU smoke test: --small --device cpu --steps 2 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+PROMPT = "sks sketch, a small red circle above a blue square on a grey background"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_lora(base, path: Path, targets: str, rank: int, seed: int) -> Path:
+    """A LoRA file over the layers `sdlora train --targets T` would touch (text encoder included), random weights."""
+    from sdlora.adapter_file import ModuleWeights, save_adapter
+    from sdlora.targets import text_encoder_targets, unet_targets
+
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for t in unet_targets(base.unet, targets) + text_encoder_targets(base.text_encoders["text_encoder"]):
+        out_f, in_f = t.layer.weight.shape[:2]
+        mods[t.kohya_name] = ModuleWeights(torch.randn(rank, in_f, generator=g) * 0.02, torch.randn(out_f, rank, generator=g) * 0.02, rank)
+    save_adapter(path, mods, {"ss_output_name": path.stem}, torch.float16)
+    return path
+
+
+def step_time(pipe, device: torch.device, steps: int, repeats: int, size: int) -> float:
+    """Median seconds per denoising step."""
+    times = []
+    for r in range(repeats + 1):  # the first run warms up
+        g = torch.Generator(device).manual_seed(r)
+        sync(device)
+        t = time.perf_counter()
+        pipe(PROMPT, num_inference_steps=steps, height=size, width=size, generator=g, output_type="latent")
+        sync(device)
+        if r:
+            times.append((time.perf_counter() - t) / steps)
+    return statistics.median(times)
+
+
+def bench_layout(base, pipe, files: list[Path], device: torch.device, steps: int, repeats: int, size: int, record) -> None:
+    """0, 1 and 3 LoRAs unfused and fused, strength changes, and the base again after removing them."""
+    from sdlora.mixer import LoraMixer
+
+    none = step_time(pipe, device, steps, repeats, size)
+    record("0 LoRAs", ms_per_step=none * 1000)
+    mixer = LoraMixer(base)
+    names = [mixer.load(files[0], 0.8)]
+    for label in ("1 LoRA", "3 LoRAs"):
+        if label == "3 LoRAs":
+            names += [mixer.load(files[1], 0.5), mixer.load(files[2], 0.3)]
+        t = step_time(pipe, device, steps, repeats, size)
+        record(f"{label} unfused", ms_per_step=t * 1000, vs_none=t / none - 1)
+        with mixer.fused():
+            t = step_time(pipe, device, steps, repeats, size)
+        record(f"{label} fused", ms_per_step=t * 1000, vs_none=t / none - 1)
+    # changing strengths with the base kept: unfused (in place, before the next step) and fused (unfuse, refuse)
+    change = []
+    for k in range(5):
+        sync(device)
+        t = time.perf_counter()
+        for n, s in zip(names, (0.6 + 0.05 * k, 0.4, 0.2)):
+            mixer.set_strength(n, s)
+        sync(device)
+        change.append(time.perf_counter() - t)
+    record("change 3 strengths, unfused", ms=statistics.median(change) * 1000)
+    fused = []
+    mixer.fuse()
+    for k in range(5):
+        sync(device)
+        t = time.perf_counter()
+        mixer.unfuse()
+        for n, s in zip(names, (0.7 - 0.05 * k, 0.4, 0.2)):
+            mixer.set_strength(n, s)
+        mixer.fuse()
+        sync(device)
+        fused.append(time.perf_counter() - t)
+    mixer.unfuse()
+    record("change 3 strengths, fused (unfuse + set + fuse)", ms=statistics.median(fused) * 1000)
+    t = step_time(pipe, device, steps, repeats, size)
+    record("3 LoRAs unfused, after the strength changes", ms_per_step=t * 1000, vs_none=t / none - 1)
+    for n in names:
+        mixer.remove(n)
+    t = step_time(pipe, device, steps, repeats, size)
+    record("0 LoRAs after removing all (empty hosts left)", ms_per_step=t * 1000, vs_none=t / none - 1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--small", action="store_true", help="a tiny model of the same layout (CPU smoke test)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--targets", default="cross-attn,all-linear", help="LoRA layouts to try, comma-separated")
+    ap.add_argument("--modes", default="graph,eager", help="graph: UNet replayed from CUDA graphs (the default); eager")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--work")
+    args = ap.parse_args(argv)
+    from make_random_sd15 import write_random_base
+
+    from sdlora.base import load_base
+    from sdlora.unet_graph import graphed_unet
+
+    device = torch.device(args.device)
+    env = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "python": platform.python_version(), "argv": sys.argv[1:] if argv is None else argv}
+    print(json.dumps(env), flush=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-gen-"))
+    folder = work / "base"
+    if not (folder / "model_index.json").exists():
+        write_random_base(folder, torch.float16, args.device, small=args.small)
+    size = 64 if args.small else 512
+    precision = "fp16" if device.type == "cuda" else "fp32"
+    results: dict = {"env": env, "rows": []}
+    for mode in args.modes.split(","):
+        for targets in args.targets.split(","):
+            def record(case: str, mode=mode, targets=targets, **kw) -> None:
+                row = {"case": case, "mode": mode, "targets": targets, **kw}
+                results["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+            base = load_base(str(folder), precision, device)
+            pipe = base.pipeline()
+            files = [random_lora(base, work / f"{targets}-{i}.safetensors", targets, args.rank, i) for i in range(3)]
+            with graphed_unet(base.unet, mode == "graph"):
+                bench_layout(base, pipe, files, device, args.steps, args.repeats, size, record)
+            del base, pipe
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""Issue 5: the diffusers+peft LoRA training step vs sdlora's, side by side, in one process and one run.
+
+(a) baseline: SD1.5-architecture UNet (random weights, bf16), peft LoRA rank 4 on attention q/k/v/out, fp32 LoRA
+    params, autocast bf16, SDPA, fused AdamW, stepped eagerly (as in ../shared/docs/measurements.md);
+(b) sdlora: the TrainStep that `sdlora train` builds (sdlora.train.build_train_step), default targets, text-encoder
+    LoRA on, cached latents and token ids; plus one row per speed lever.
+Each case: warm-up steps, then the median of --steps steps timed with CUDA events; peak = max_memory_allocated
+with only that case's model resident. Then the whole `sdlora train` CLI runs --cli-steps steps on a small dataset.
+
+GPU:  python scripts/bench_train.py --json benchmarks/bench-train.json [--compile]
+CPU smoke test (tests/test_bench_scripts.py): --small --device cpu --batches 1 --steps 2 --warmup 1 --cli-steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+# name -> TrainConfig overrides; the first is sdlora's default configuration.
+VARIANTS = {
+    "sdlora (default)": {},
+    "eager, autocast (issue-2 step)": {"cuda_graph": False, "autocast_bf16_weights": True, "channels_last": "off"},
+    "eager, bf16 weights": {"cuda_graph": False, "channels_last": "off"},
+    "graph, autocast": {"autocast_bf16_weights": True, "channels_last": "off"},
+    "graph, channels_last off": {"channels_last": "off"},
+    "graph, channels_last on": {"channels_last": "on"},
+    "graph + cuDNN attention": {"sdpa_backend": "cudnn"},
+    "graph + efficient attention": {"sdpa_backend": "efficient"},
+    "graph + grad checkpointing": {"gradient_checkpointing": True},
+    "graph + grad checkpointing, frozen TE": {"gradient_checkpointing": True, "text_encoder": False},
+    "eager + grad checkpointing, frozen TE": {"gradient_checkpointing": True, "text_encoder": False, "cuda_graph": False},
+    "graph + grad checkpointing, frozen TE, channels_last off": {"gradient_checkpointing": True, "text_encoder": False, "channels_last": "off"},
+}
+COMPILE_VARIANTS = {"compile + graph": {"compile": "on"}, "compile + graph, channels_last off": {"compile": "on", "channels_last": "off"}}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def time_steps(step, device: torch.device, warmup: int, steps: int) -> dict:
+    """Warm-up (compilation, capture) timed on its own, then the median of per-step times."""
+    t = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    warm_s = time.perf_counter() - t
+    times = []
+    t_all = time.perf_counter()
+    if device.type == "cuda":
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for a, b in ev:
+            a.record()
+            step()
+            b.record()
+        sync(device)
+        times = [a.elapsed_time(b) for a, b in ev]
+    else:
+        for _ in range(steps):
+            s = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - s) * 1000)
+    wall_ms = (time.perf_counter() - t_all) * 1000 / steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"ms": statistics.median(times), "wall_ms": wall_ms, "warmup_s": warm_s, "peak_gib": peak}
+
+
+def unet_flops(unet, batch: int, latent: int, ctx_dim: int, device: torch.device) -> float:
+    """Forward FLOPs of one image (torch's FlopCounterMode), the basis of the roofline."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(batch, 4, latent, latent, device=device, dtype=unet.dtype)
+    ctx = torch.randn(batch, 77, ctx_dim, device=device, dtype=unet.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        unet(x, torch.tensor([500] * batch, device=device), ctx)
+    return fc.get_total_flops() / batch
+
+
+def matmul_rate(device: torch.device) -> float:
+    """Sustained bf16 matmul FLOP/s (8192^3 on a GPU)."""
+    n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 20 if device.type == "cuda" else 2
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def bench_baseline(folder: Path, batch: int, latent: int, device: torch.device, warmup: int, steps: int) -> dict:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.bfloat16).to(device)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # fp32 LoRA params, as diffusers' cast_training_params does
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    sched = DDPMScheduler.from_pretrained(folder / "scheduler")
+    g = torch.Generator(device).manual_seed(0)
+    latents = torch.randn(batch, 4, latent, latent, device=device, generator=g)
+    ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, generator=g, dtype=torch.bfloat16)
+
+    def step():
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        noisy = sched.add_noise(latents, noise, t)
+        with torch.autocast(device.type, torch.bfloat16):
+            pred = unet(noisy.to(torch.bfloat16), t, ctx).sample
+        F.mse_loss(pred.float(), noise.float()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    free(device)
+    r = time_steps(step, device, warmup, steps)
+    return {"case": "diffusers+peft eager", "batch": batch, **r, "lora_modules": 128}
+
+
+def bench_sdlora(base, folder: Path, work: Path, name: str, overrides: dict, batch: int, latent: int,
+                 device: torch.device, warmup: int, steps: int) -> dict:
+    from accelerate import Accelerator
+
+    from sdlora.config import apply_base_defaults, make_config
+    from sdlora.train import build_train_step, inject_lora, make_optimizer, pick_precisions, use_cuda_graph
+    from sdlora.train_step import MicroBatch
+
+    cfg = apply_base_defaults(make_config(None, base=str(folder), images=str(work), rank=4, batch_size=batch,
+                                          device=device.type, **overrides), base.path)
+    mp, _ = pick_precisions(cfg, device)
+    accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
+    unet_hosts, te_hosts = inject_lora(base, cfg)  # a fresh adapter each case
+    unet_params = [p for h in unet_hosts for p in h.adapters["trainee"].parameters()]
+    te_params = [p for h in te_hosts for p in h.adapters["trainee"].parameters()]
+    opt = accelerator.prepare(make_optimizer(cfg, unet_params, te_params, device, use_cuda_graph(cfg, device, mp)))
+    g = torch.Generator(device).manual_seed(0)
+    latents = torch.randn(batch, 4, latent, latent, device=device, generator=g)
+    noise = torch.randn(batch, 4, latent, latent, device=device, generator=g)
+    t = torch.randint(0, 1000, (batch,), device=device, generator=g)
+    captions = [f"sks sketch, a small red circle number {i}" for i in range(batch)]
+    te = base.text_encoders["text_encoder"]
+    if cfg.text_encoder:
+        cond = {k: v.to(device) for k, v in base.family.tokenize(base, captions).items()}
+        encode = functools.partial(base.family.encode_prompt, base)
+    else:  # frozen text encoder: embeddings cached, the encoder leaves the GPU (as `sdlora train` does)
+        with torch.no_grad():
+            cond = base.family.encode_prompt(base, base.family.tokenize(base, captions))
+        te.to("cpu")
+
+        def encode(c):
+            return c
+    step = build_train_step(base, cfg, unet_params + te_params, opt, accelerator, mp, encode, warmup + steps, print)
+    mb = MicroBatch(latents, noise, t, cond)
+    free(device)
+    r = time_steps(lambda: step([mb]), device, warmup, steps)
+    graphs = len(step.graphs)
+    # undo this case's model changes for the next one (this case's graphs and optimizer go with the frame)
+    te.to(device)
+    base.unet.disable_gradient_checkpointing()
+    te.gradient_checkpointing_disable()
+    base.unet.to(memory_format=torch.contiguous_format)
+    return {"case": name, "batch": batch, **r, "cuda_graph": graphs > 0, "lora_modules": len(unet_hosts) + len(te_hosts),
+            "targets": cfg.targets, "text_encoder_lora": cfg.text_encoder}
+
+
+def bench_cli(folder: Path, work: Path, steps: int, resolution: int, device: torch.device, extra: list[str]) -> dict:
+    """The whole `sdlora train` command: data, caching, loop, logging, saving."""
+    from sdlora.world import write_dataset
+
+    images = work / "cli-images"
+    if not images.exists():
+        write_dataset("sketch", 16, resolution, 0, images, "")
+    cmd = [sys.executable, "-m", "sdlora.cli", "train", "--base", str(folder), "--images", str(images), "--trigger", "sks sketch",
+           "--rank", "4", "--steps", str(steps), "--batch-size", "1", "--resolution", str(resolution), "--device", device.type,
+           "--output", str(work / "cli-out"), "--overwrite", "--no-progress", *extra]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t
+    if p.returncode:
+        raise SystemExit(f"sdlora train failed:\n{p.stderr[-3000:]}")
+    its = re.search(r"([\d.]+) it/s", p.stderr)
+    peak = re.search(r"peak VRAM ([\d.]+) GiB", p.stderr)
+    return {"case": "sdlora train CLI" + (" " + " ".join(extra) if extra else ""), "batch": 1, "steps": steps, "wall_s": wall,
+            "it_per_s": float(its.group(1)) if its else None, "peak_gib": float(peak.group(1)) if peak else None,
+            "command": " ".join(cmd[1:])}
+
+
+def xformers_status() -> str:
+    try:
+        import xformers.ops as xops
+
+        q = torch.randn(1, 16, 1, 40, device="cuda", dtype=torch.float16)
+        xops.memory_efficient_attention(q, q, q)
+        import xformers
+
+        return f"loads and runs ({xformers.__version__})"
+    except ImportError as e:
+        return f"not importable ({str(e).splitlines()[0][:120]})"
+    except Exception as e:  # installed but its kernels do not match this torch/CUDA
+        return f"imports but fails ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+
+
+def table(rows: list[dict], roof_img_s: float) -> str:
+    base = {r["batch"]: r for r in rows if r["case"] == "diffusers+peft eager"}
+    out = ["| case | batch | step ms | img/s | peak GiB | % roofline | vs baseline | warm-up s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "ms" not in r:
+            continue
+        img_s = r["batch"] * 1000 / r["ms"]
+        b = base.get(r["batch"])
+        ratio = f"{b['ms'] / r['ms']:.2f}x" if b else "-"
+        peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
+        out.append(f"| {r['case']} | {r['batch']} | {r['ms']:.1f} | {img_s:.1f} | {peak} | {100 * img_s / roof_img_s:.1f}% | {ratio} | {r['warmup_s']:.1f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", required=True, help="where to write every measurement")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--small", action="store_true", help="a tiny model of the same layout (CPU smoke test)")
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per case (median reported)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--variants", default="all", help="comma-separated variant names, 'all', or 'default'")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile variants (minutes of compilation)")
+    ap.add_argument("--lever-batches", default="1,4,16", help="batch sizes for the lever rows (the default row uses --batches)")
+    ap.add_argument("--cli-steps", type=int, default=100)
+    ap.add_argument("--work", help="working folder (default: a temporary one)")
+    args = ap.parse_args(argv)
+    from make_random_sd15 import write_random_base
+
+    from sdlora.base import load_base
+
+    device = torch.device(args.device)
+    env = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "python": platform.python_version(), "argv": sys.argv[1:] if argv is None else argv}
+    if device.type == "cuda":
+        env["xformers"] = xformers_status()
+    print(json.dumps(env), flush=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-train-"))
+    folder = work / "base"
+    if not (folder / "model_index.json").exists():
+        write_random_base(folder, torch.float16, args.device, small=args.small)
+    resolution = 64 if args.small else 512
+    latent = resolution // 8
+    results: dict = {"env": env, "rows": []}
+
+    def record(r: dict) -> None:
+        results["rows"].append(r)
+        print(json.dumps(r), flush=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+    from diffusers import UNet2DConditionModel
+
+    probe = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.bfloat16).to(device)
+    fwd = unet_flops(probe, 1, latent, probe.config.cross_attention_dim, device)
+    del probe
+    free(device)
+    rate = matmul_rate(device)
+    roof = rate / (2 * fwd)  # forward + input-backward per image, at the measured matmul rate
+    results["roofline"] = {"unet_forward_flop_per_image": fwd, "bf16_matmul_flop_per_s": rate, "img_per_s": roof}
+    print(json.dumps(results["roofline"]), flush=True)
+
+    batches = [int(b) for b in args.batches.split(",")]
+    lever_batches = [int(b) for b in args.lever_batches.split(",")]
+    for b in batches:
+        record(bench_baseline(folder, b, latent, device, args.warmup, args.steps))
+    variants = dict(VARIANTS) | (COMPILE_VARIANTS if args.compile else {})
+    if args.variants == "default":
+        variants = {"sdlora (default)": {}}
+    elif args.variants != "all":
+        variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
+    base = load_base(str(folder), "bf16" if device.type == "cuda" else "fp32", device)
+    base.vae.to("cpu")  # as in training: latents are cached
+    for name, overrides in variants.items():
+        if device.type != "cuda" and overrides.get("sdpa_backend"):
+            continue  # GPU attention kernels
+        for b in batches if name == "sdlora (default)" else lever_batches:
+            record(bench_sdlora(base, folder, work, name, overrides, b, latent, device, args.warmup, args.steps))
+    del base
+    free(device)
+    if args.cli_steps:
+        r = bench_cli(folder, work, args.cli_steps, resolution, device, [])
+        bare = next((x for x in results["rows"] if x["case"] == "sdlora (default)" and x["batch"] == 1), None)
+        if bare and r["it_per_s"]:
+            r["fraction_of_bare_step"] = r["it_per_s"] * bare["ms"] / 1000
+        record(r)
+    results["table"] = table(results["rows"], roof)
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(results["table"])
+    for r in results["rows"]:
+        if "it_per_s" in r:
+            print(f"{r['case']}: {r['it_per_s']} it/s over {r['steps']} steps, {r.get('fraction_of_bare_step', 0):.2f} of the bare "
+                  f"step rate, whole-run peak {r['peak_gib']} GiB, {r['wall_s']:.0f} s wall")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""One optimizer step of LoRA training, run eagerly or replayed from a CUDA graph.
+
+At batch 1-4 a Stable Diffusion step is bound by Python and kernel launches, not by the GPU
+(BENCHMARKS.md, issue 5). Capturing the whole step once (forward, loss, backward, clipping, fused
+AdamW) and replaying it removes that cost. The eager path is the same code; it runs on the CPU,
+under fp16 (whose grad scaler reads the GPU every step), with gradient accumulation, while an input
+shape warms up, and as the fallback when capture fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class MicroBatch:
+    latents: torch.Tensor  # scaled VAE latents, on the device
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    cond: dict[str, torch.Tensor]  # token ids per text encoder, or cached {"encoder_hidden_states": ...}
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.latents, self.noise, self.timesteps, *self.cond.values()]
+
+    def shape_key(self) -> tuple:
+        return tuple((tuple(t.shape), t.dtype) for t in self.tensors())
+
+
+@dataclass
+class SpeedOptions:
+    cuda_graph: bool = True  # replay the step from a CUDA graph where possible
+    channels_last: bool = False  # NHWC activations for the UNet's convolutions
+    autocast: bool = True  # False: the base runs in its own dtype (bf16), LoRA params are cast where used
+    sdpa_backend: str | None = None  # None: PyTorch picks; or flash / cudnn / efficient / math
+    warmup: int = 2  # eager steps per input shape before capture (optimizer state, cuDNN autotuning)
+    max_graphs: int = 4  # input shapes (buckets) that get a graph; the rest run eagerly
+    log: Callable[[str], None] = field(default=print, repr=False)
+
+
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
+
+
+class TrainStep:
+    """Calls: step(micro_batches) -> mean loss as a device tensor. Never reads the GPU back (no host sync)."""
+
+    def __init__(self, unet: torch.nn.Module, encode: Callable[[dict], dict], scheduler, params: list[torch.Tensor],
+                 optimizer, accelerator, *, mixed_precision: str, max_grad_norm: float, min_snr_gamma: float | None,
+                 v_prediction: bool, speed: SpeedOptions):
+        self.unet, self.encode, self.scheduler = unet, encode, scheduler
+        self.params, self.optimizer, self.accelerator = params, optimizer, accelerator
+        self.max_grad_norm, self.min_snr_gamma, self.v_prediction = max_grad_norm, min_snr_gamma, v_prediction
+        self.speed = speed
+        self.device = next(unet.parameters()).device
+        self.dtype = next(unet.parameters()).dtype
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+        if self.amp_dtype == self.dtype and not speed.autocast:
+            self.amp_dtype = None  # the weights already are the compute dtype; autocast would only add casts
+        self.fp16_scaler = mixed_precision == "fp16"
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(self.device)  # indexed by timesteps on the device
+        if speed.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, MicroBatch, torch.Tensor]] = {}
+        self.seen: dict[tuple, int] = {}
+        self.graph_ok = speed.cuda_graph and self.device.type == "cuda" and not self.fp16_scaler
+        self.side = torch.cuda.Stream(self.device) if self.graph_ok else None
+
+    # ---- the computation, shared by both paths
+    def _autocast(self, capturing: bool):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, self.amp_dtype, cache_enabled=not capturing)  # no cache in graphs
+
+    def _attention(self):
+        if not self.speed.sdpa_backend:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        name = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+        return sdpa_kernel(getattr(SDPBackend, name[self.speed.sdpa_backend]))
+
+    def loss(self, mb: MicroBatch, capturing: bool = False) -> torch.Tensor:
+        from diffusers.training_utils import compute_snr
+
+        sched = self.scheduler
+        noisy = sched.add_noise(mb.latents, mb.noise, mb.timesteps)
+        target = sched.get_velocity(mb.latents, mb.noise, mb.timesteps) if self.v_prediction else mb.noise
+        if self.speed.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        with self._autocast(capturing), self._attention():
+            pred = self.unet(noisy.to(self.dtype), mb.timesteps, **self.encode(mb.cond)).sample
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.min_snr_gamma:
+            snr = compute_snr(sched, mb.timesteps)
+            loss = loss * snr.clamp(max=self.min_snr_gamma) / (snr + 1 if self.v_prediction else snr)
+        return loss.mean()
+
+    def eager(self, micro: list[MicroBatch]) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)  # after a capture, .grad still points at a graph's buffers
+        total = torch.zeros((), device=self.device)
+        for mb in micro:
+            loss = self.loss(mb)
+            self.accelerator.backward(loss / len(micro))
+            total += loss.detach()
+        if self.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / len(micro)
+
+    # ---- the graph path
+    def __call__(self, micro: list[MicroBatch]) -> torch.Tensor:
+        if not self.graph_ok or len(micro) != 1:
+            return self.eager(micro)
+        mb = micro[0]
+        key = mb.shape_key()
+        self.seen[key] = self.seen.get(key, 0) + 1
+        if key not in self.graphs:
+            if self.seen[key] <= self.speed.warmup or len(self.graphs) >= self.speed.max_graphs:
+                return self._on_side_stream(micro)
+            try:
+                self.graphs[key] = self._capture(mb)
+            except Exception as e:  # anything not capturable (a host sync in a model's code...): stay eager
+                self.graph_ok = False
+                first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                self.speed.log(f"CUDA graph capture failed ({first}); training continues without it")
+                torch.cuda.synchronize(self.device)
+                return self.eager(micro)
+        graph, static, loss = self.graphs[key]
+        for dst, src in zip(static.tensors(), mb.tensors()):
+            dst.copy_(src, non_blocking=True)
+        graph.replay()
+        return loss.clone()
+
+    def _on_side_stream(self, micro: list[MicroBatch]) -> torch.Tensor:
+        """Warm-up steps run on a side stream, as capture requires (lazy cuBLAS/autograd state)."""
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
+            loss = self.eager(micro)
+        torch.cuda.current_stream(self.device).wait_stream(self.side)
+        return loss
+
+    def _capture(self, mb: MicroBatch) -> tuple[torch.cuda.CUDAGraph, MicroBatch, torch.Tensor]:
+        static = MicroBatch(mb.latents.clone(), mb.noise.clone(), mb.timesteps.clone(), {k: v.clone() for k, v in mb.cond.items()})
+        self.optimizer.zero_grad(set_to_none=True)  # backward in the graph then writes, not accumulates, .grad
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = self.loss(static, capturing=True)
+            loss.backward()
+            if self.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
+            self.optimizer.step()
+            loss = loss.detach()
+        return graph, static, loss
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> GPU without stalling the host: a pageable copy would wait for the GPU to finish queued steps."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+__all__ = ["MicroBatch", "SpeedOptions", "TrainStep", "to_device", "SDPA_BACKENDS"]

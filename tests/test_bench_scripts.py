@@ -1,0 +1,56 @@
+"""CPU smoke tests of the GPU benchmark scripts (issue 5): they run end to end at a tiny size and report sane rows.
+
+The numbers themselves are measured on a GPU and recorded in BENCHMARKS.md; nothing here asserts a speed.
+"""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
+def test_bench_train_runs_every_case_and_the_cli(work):
+    bench = _load("bench_train")
+    out = bench.main(["--small", "--device", "cpu", "--batches", "1,2", "--lever-batches", "1", "--steps", "2", "--warmup", "1",
+                      "--cli-steps", "6", "--work", str(work), "--json", str(work / "train.json")])
+    rows = out["rows"]
+    cases = {(r["case"], r["batch"]) for r in rows}
+    assert {("diffusers+peft eager", 1), ("diffusers+peft eager", 2), ("sdlora (default)", 1), ("sdlora (default)", 2)} <= cases
+    assert ("graph + grad checkpointing, frozen TE", 1) in cases
+    for r in rows:
+        if "ms" in r:
+            assert r["ms"] > 0 and math.isfinite(r["ms"])
+    default = next(r for r in rows if r["case"] == "sdlora (default)")
+    assert default["text_encoder_lora"] and default["targets"] == "cross-attn"  # what `sdlora train` does on a folder base
+    assert default["lora_modules"] == 64 + 8  # 16 cross-attn blocks x 4 + 2 text-encoder layers x 4
+    cli = rows[-1]
+    assert cli["case"].startswith("sdlora train CLI") and cli["it_per_s"] > 0 and cli["fraction_of_bare_step"] > 0
+    assert "| sdlora (default) | 1 |" in out["table"]
+    assert (work / "cli-out" / "lora.safetensors").exists()
+
+
+def test_bench_generate_runs_every_case(work):
+    bench = _load("bench_generate")
+    out = bench.main(["--small", "--device", "cpu", "--steps", "2", "--repeats", "1", "--targets", "cross-attn", "--rank", "4",
+                      "--work", str(work), "--json", str(work / "gen.json")])
+    cases = [r["case"] for r in out["rows"]]
+    assert cases[:5] == ["0 LoRAs", "1 LoRA unfused", "1 LoRA fused", "3 LoRAs unfused", "3 LoRAs fused"]
+    assert any(c.startswith("change 3 strengths, unfused") for c in cases)
+    assert all(r.get("ms_per_step", 1) > 0 for r in out["rows"])
