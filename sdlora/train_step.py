@@ -142,6 +142,7 @@ class TrainStep:
         with torch.cuda.stream(self.side):
             loss = self.eager(micro)
         torch.cuda.current_stream(self.device).wait_stream(self.side)
+        loss.record_stream(torch.cuda.current_stream(self.device))  # read later on the main stream
         return loss
 
     def _capture(self, mb: MicroBatch) -> tuple[torch.cuda.CUDAGraph, MicroBatch, torch.Tensor]:
