@@ -207,3 +207,20 @@ def test_strength_change_updates_inference_weights_in_place_and_structure_change
         host.unfuse()
         host.remove("b")
         assert structure_version() > v + 1
+
+
+def test_unet_graph_wrapper_is_transparent_where_it_cannot_replay(base):
+    """On the CPU (and for anything it cannot capture) the sampling wrapper calls the UNet's own forward."""
+    from sdlora.unet_graph import UNetGraphs, graphed_unet
+
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    ctx = torch.randn(2, 77, base.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = base.unet(x, torch.tensor(500), ctx).sample
+        wrapper = UNetGraphs(base.unet)
+        assert torch.equal(wrapper.forward(x, torch.tensor(500), ctx).sample, want)
+        assert torch.equal(wrapper.forward(x, torch.tensor(500), ctx, return_dict=False)[0], want)
+        with graphed_unet(base.unet) as g:
+            assert g is None  # no GPU: nothing replaced
+            assert torch.equal(base.unet(x, torch.tensor(500), ctx).sample, want)
+    assert not wrapper.graphs
