@@ -70,6 +70,9 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> dict:
         step()
     sync(device)
     warm_s = time.perf_counter() - t
+    warm_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the steady-state peak, apart from warm-up transients
     times = []
     t_all = time.perf_counter()
     if device.type == "cuda":
@@ -86,8 +89,10 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> dict:
             step()
             times.append((time.perf_counter() - s) * 1000)
     wall_ms = (time.perf_counter() - t_all) * 1000 / steps
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"ms": statistics.median(times), "wall_ms": wall_ms, "warmup_s": warm_s, "peak_gib": peak}
+    steady = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peak = max(warm_peak, steady) if device.type == "cuda" else None
+    return {"ms": statistics.median(times), "wall_ms": wall_ms, "warmup_s": warm_s, "peak_gib": peak, "steady_peak_gib": steady,
+            "resident_gib": torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 
 def unet_flops(unet, batch: int, latent: int, ctx_dim: int, device: torch.device) -> float:
