@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,12 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench_train import environment, random_base, sync  # noqa: E402 - scripts/ is on the path above
+
 PROMPT = "sks sketch, a small red circle above a blue square on a grey background"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def random_lora(base, path: Path, targets: str, rank: int, seed: int) -> Path:
@@ -121,19 +117,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--work")
     args = ap.parse_args(argv)
-    from make_random_sd15 import write_random_base
-
     from sdlora.base import load_base
     from sdlora.unet_graph import graphed_unet
 
     device = torch.device(args.device)
-    env = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "python": platform.python_version(), "argv": sys.argv[1:] if argv is None else argv}
+    env = environment(device, argv)
     print(json.dumps(env), flush=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-gen-"))
-    folder = work / "base"
-    if not (folder / "model_index.json").exists():
-        write_random_base(folder, torch.float16, args.device, small=args.small)
+    folder = random_base(work, device, args.small)
     size = 64 if args.small else 512
     precision = "fp16" if device.type == "cuda" else "fp32"
     results: dict = {"env": env, "rows": []}

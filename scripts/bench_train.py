@@ -14,6 +14,7 @@ CPU smoke test (tests/test_bench_scripts.py): --small --device cpu --batches 1 -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -153,8 +154,10 @@ def bench_baseline(folder: Path, batch: int, latent: int, device: torch.device, 
     return {"case": "diffusers+peft eager", "batch": batch, **r, "lora_modules": 128}
 
 
-def bench_sdlora(base, folder: Path, work: Path, name: str, overrides: dict, batch: int, latent: int,
-                 device: torch.device, warmup: int, steps: int) -> dict:
+@contextlib.contextmanager
+def sdlora_case(base, folder: Path, work: Path, overrides: dict, batch: int, latent: int, device: torch.device, total_steps: int):
+    """sdlora's step as `sdlora train` builds it, on fixed inputs; yields (step, micro-batch, config, modules) and
+    undoes the case's changes to the shared model afterwards (its graphs and optimizer go with the caller's frame)."""
     from accelerate import Accelerator
 
     from sdlora.config import apply_base_defaults, make_config
@@ -185,18 +188,41 @@ def bench_sdlora(base, folder: Path, work: Path, name: str, overrides: dict, bat
 
         def encode(c):
             return c
-    step = build_train_step(base, cfg, unet_params + te_params, opt, accelerator, mp, encode, warmup + steps, print)
-    mb = MicroBatch(latents, noise, t, cond)
-    free(device)
-    r = time_steps(lambda: step([mb]), device, warmup, steps)
-    graphs = len(step.graphs)
-    # undo this case's model changes for the next one (this case's graphs and optimizer go with the frame)
-    te.to(device)
-    base.unet.disable_gradient_checkpointing()
-    te.gradient_checkpointing_disable()
-    base.unet.to(memory_format=torch.contiguous_format)
-    return {"case": name, "batch": batch, **r, "cuda_graph": graphs > 0, "lora_modules": len(unet_hosts) + len(te_hosts),
+    step = build_train_step(base, cfg, unet_params + te_params, opt, accelerator, mp, encode, total_steps, print)
+    try:
+        yield step, MicroBatch(latents, noise, t, cond), cfg, len(unet_hosts) + len(te_hosts)
+    finally:
+        te.to(device)
+        base.unet.disable_gradient_checkpointing()
+        te.gradient_checkpointing_disable()
+        base.unet.to(memory_format=torch.contiguous_format)
+
+
+def bench_sdlora(base, folder: Path, work: Path, name: str, overrides: dict, batch: int, latent: int,
+                 device: torch.device, warmup: int, steps: int) -> dict:
+    with sdlora_case(base, folder, work, overrides, batch, latent, device, warmup + steps) as (step, mb, cfg, modules):
+        free(device)
+        r = time_steps(lambda: step([mb]), device, warmup, steps)
+        graphs = len(step.graphs)
+    return {"case": name, "batch": batch, **r, "cuda_graph": graphs > 0, "lora_modules": modules,
             "targets": cfg.targets, "text_encoder_lora": cfg.text_encoder}
+
+
+def environment(device: torch.device, argv: list[str] | None) -> dict:
+    """What a benchmark row depends on, recorded beside it."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__, "python": platform.python_version(),
+            "argv": sys.argv[1:] if argv is None else argv}
+
+
+def random_base(work: Path, device: torch.device, small: bool) -> Path:
+    """The random-weight SD1.5-layout folder under work/base, written once and reused by later runs."""
+    from make_random_sd15 import write_random_base
+
+    folder = work / "base"
+    if not (folder / "model_index.json").exists():
+        write_random_base(folder, torch.float16, device.type, small=small)
+    return folder
 
 
 def bench_cli(folder: Path, work: Path, steps: int, resolution: int, device: torch.device, extra: list[str]) -> dict:
@@ -264,20 +290,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cli-steps", type=int, default=100)
     ap.add_argument("--work", help="working folder (default: a temporary one)")
     args = ap.parse_args(argv)
-    from make_random_sd15 import write_random_base
-
     from sdlora.base import load_base
 
     device = torch.device(args.device)
-    env = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "python": platform.python_version(), "argv": sys.argv[1:] if argv is None else argv}
+    env = environment(device, argv)
     if device.type == "cuda":
         env["xformers"] = xformers_status()
     print(json.dumps(env), flush=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-train-"))
-    folder = work / "base"
-    if not (folder / "model_index.json").exists():
-        write_random_base(folder, torch.float16, args.device, small=args.small)
+    folder = random_base(work, device, args.small)
     resolution = 64 if args.small else 512
     latent = resolution // 8
     results: dict = {"env": env, "rows": []}

@@ -8,7 +8,6 @@ CPU smoke: --small --device cpu (memory figures are CUDA-only and read as null t
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import tempfile
@@ -28,52 +27,22 @@ def gib(device: torch.device, peak: bool) -> float | None:
 
 
 def profile(base, folder: Path, work: Path, batch: int, latent: int, device: torch.device, **overrides) -> dict:
-    from accelerate import Accelerator
+    from bench_train import sdlora_case
 
-    from sdlora.config import apply_base_defaults, make_config
-    from sdlora.train import build_train_step, inject_lora, make_optimizer, pick_precisions
-    from sdlora.train_step import MicroBatch
-
-    cfg = apply_base_defaults(make_config(None, base=str(folder), images=str(work), rank=4, batch_size=batch,
-                                          device=device.type, cuda_graph=False, **overrides), base.path)
-    mp, _ = pick_precisions(cfg, device)
-    acc = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
-    unet_hosts, te_hosts = inject_lora(base, cfg)
-    params = [p for h in unet_hosts + te_hosts for p in h.adapters["trainee"].parameters()]
-    opt = acc.prepare(make_optimizer(cfg, params, [], device))
-    te = base.text_encoders["text_encoder"]
-    caps = ["sks sketch, a small red circle"] * batch
-    if cfg.text_encoder:
-        cond = {k: v.to(device) for k, v in base.family.tokenize(base, caps).items()}
-        encode = functools.partial(base.family.encode_prompt, base)
-    else:
-        with torch.no_grad():
-            cond = base.family.encode_prompt(base, base.family.tokenize(base, caps))
-        te.to("cpu")
-
-        def encode(c):
-            return c
-    step = build_train_step(base, cfg, params, opt, acc, mp, encode, 10, print)
-    g = torch.Generator(device).manual_seed(0)
-    mb = MicroBatch(torch.randn(batch, 4, latent, latent, device=device, generator=g), torch.randn(batch, 4, latent, latent, device=device, generator=g),
-                    torch.randint(0, 1000, (batch,), device=device, generator=g), cond)
-    for _ in range(2):
-        step.eager([mb])  # optimizer state and kernels exist before measuring
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    row = {"overrides": overrides, "batch": batch, "resident_gib": gib(device, False)}
-    loss = step.loss(mb)
-    row |= {"forward_peak_gib": gib(device, True), "after_forward_gib": gib(device, False)}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    loss.backward()
-    row |= {"backward_peak_gib": gib(device, True), "after_backward_gib": gib(device, False)}
-    opt.zero_grad(set_to_none=True)
-    te.to(device)
-    base.unet.disable_gradient_checkpointing()
-    te.gradient_checkpointing_disable()
-    base.unet.to(memory_format=torch.contiguous_format)
+    with sdlora_case(base, folder, work, {"cuda_graph": False, **overrides}, batch, latent, device, 10) as (step, mb, _, _):
+        for _ in range(2):
+            step.eager([mb])  # optimizer state and kernels exist before measuring
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        row = {"overrides": overrides, "batch": batch, "resident_gib": gib(device, False)}
+        loss = step.loss(mb)
+        row |= {"forward_peak_gib": gib(device, True), "after_forward_gib": gib(device, False)}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        loss.backward()
+        row |= {"backward_peak_gib": gib(device, True), "after_backward_gib": gib(device, False)}
+        step.optimizer.zero_grad(set_to_none=True)
     print(json.dumps(row), flush=True)
     return row
 
@@ -85,15 +54,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--work")
     args = ap.parse_args(argv)
-    from make_random_sd15 import write_random_base
+    from bench_train import random_base
 
     from sdlora.base import load_base
 
     device = torch.device(args.device)
     work = Path(args.work or tempfile.mkdtemp(prefix="profile-mem-"))
-    folder = work / "base"
-    if not (folder / "model_index.json").exists():
-        write_random_base(folder, torch.float16, args.device, small=args.small)
+    folder = random_base(work, device, args.small)
     latent = 8 if args.small else 64
     base = load_base(str(folder), "bf16" if device.type == "cuda" else "fp32", device)
     base.vae.to("cpu")

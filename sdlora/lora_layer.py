@@ -148,17 +148,16 @@ class LoraHost(nn.Module):
         """Updates the inference caches in place when it can, so captured CUDA graphs stay valid."""
         was_active = any(self.strengths.values())
         self.strengths[name] = float(strength)
-        if self._trainable():
-            return self._reset()
-        if self._merged is not None:
-            self._merged.copy_(self._merged_weight())
-            return None
+        stacked = self._stacked[1] if self._stacked is not None else None
         pure = all(isinstance(a, LoraAdapter) for a in self.adapters.values())
-        if self._stacked is not None and self._stacked[1] is not None and pure and was_active == any(self.strengths.values()):
-            _, up = self._stack(self._stacked[1][1].dtype, up_only=True)
-            self._stacked[1][1].copy_(up)
-            return None
-        return self._reset()
+        if self._trainable():
+            self._reset()
+        elif self._merged is not None:
+            self._merged.copy_(self._merged_weight())
+        elif stacked is not None and pure and was_active == any(self.strengths.values()):
+            stacked[1].copy_(self._stack(stacked[1].dtype, up_only=True)[1])
+        else:  # a strength is baked into a kernel (or nothing is cached yet): rebuild
+            self._reset()
 
     def remove(self, name: str) -> None:
         if self.fused:

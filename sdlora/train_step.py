@@ -42,9 +42,6 @@ class SpeedOptions:
     log: Callable[[str], None] = field(default=print, repr=False)
 
 
-SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
-
-
 class TrainStep:
     """Calls: step(micro_batches) -> mean loss as a device tensor. Never reads the GPU back (no host sync)."""
 
@@ -167,4 +164,4 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-__all__ = ["MicroBatch", "SpeedOptions", "TrainStep", "to_device", "SDPA_BACKENDS"]
+__all__ = ["MicroBatch", "SpeedOptions", "TrainStep", "to_device"]
