@@ -5,6 +5,10 @@ Per case: the diffusers pipeline (DPM++, CFG 7.5, 512 px, output_type="latent" s
 --steps steps --repeats times; the median of (time / steps) is reported. LoRA files are random, in sdlora's
 kohya layout, for each --targets layout (cross-attn: what `sdlora train` writes; all-linear: kohya's usual set).
 
+--interleave R adds R rounds in which the cases take turns (0 LoRAs, 1 and 3 unfused, 3 fused; one untimed call after
+each switch; "0 LoRAs" here is every LoRA removed, whose emptied hosts run the plain layer): slow drift of the machine then falls on every case alike, and each case is reported as the median over
+rounds of its time relative to the 0-LoRA call of the same round.
+
 GPU:  python scripts/bench_generate.py --json benchmarks/bench-generate.json
 CPU smoke test: --small --device cpu --steps 2 --repeats 1
 """
@@ -105,6 +109,37 @@ def bench_layout(base, pipe, files: list[Path], device: torch.device, steps: int
     record("0 LoRAs after removing all (empty hosts left)", ms_per_step=t * 1000, vs_none=t / none - 1)
 
 
+def bench_interleaved(base, pipe, files: list[Path], device: torch.device, steps: int, rounds: int, size: int, record) -> None:
+    """The cases in turns, so drift cancels out of the paired ratios (see the module docstring)."""
+    from sdlora.mixer import LoraMixer
+
+    mixer = LoraMixer(base)
+    strengths = (0.8, 0.5, 0.3)
+
+    def state(case: str) -> None:
+        mixer.unfuse()
+        for n in list(mixer.loaded):
+            mixer.remove(n)
+        count = {"0 LoRAs": 0, "1 LoRA unfused": 1}.get(case, 3)
+        for f, s in zip(files[:count], strengths):
+            mixer.load(f, s)
+        if case.endswith("fused") and not case.endswith("unfused"):
+            mixer.fuse()
+
+    cases = ("0 LoRAs", "1 LoRA unfused", "3 LoRAs unfused", "3 LoRAs fused")
+    times: dict[str, list[float]] = {c: [] for c in cases}
+    for _ in range(rounds):
+        for case in cases:
+            state(case)
+            times[case].append(step_time(pipe, device, steps, 1, size))  # its first call recaptures and warms up
+    state("0 LoRAs")
+    none = times["0 LoRAs"]
+    for case in cases:
+        paired = [t / n - 1 for t, n in zip(times[case], none)]
+        record(f"interleaved: {case}", ms_per_step=statistics.median(times[case]) * 1000, vs_none=statistics.median(paired),
+               vs_none_min=min(paired), vs_none_max=max(paired), rounds=rounds)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True)
@@ -115,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--targets", default="cross-attn,all-linear", help="LoRA layouts to try, comma-separated")
     ap.add_argument("--modes", default="graph,eager", help="graph: UNet replayed from CUDA graphs (the default); eager")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--interleave", type=int, default=0, help="rounds of the interleaved comparison (0: skip it)")
     ap.add_argument("--work")
     args = ap.parse_args(argv)
     from sdlora.base import load_base
@@ -141,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
             files = [random_lora(base, work / f"{targets}-{i}.safetensors", targets, args.rank, i) for i in range(3)]
             with graphed_unet(base.unet, mode == "graph"):
                 bench_layout(base, pipe, files, device, args.steps, args.repeats, size, record)
+                if args.interleave:
+                    bench_interleaved(base, pipe, files, device, args.steps, args.interleave, size, record)
             del base, pipe
             if device.type == "cuda":
                 torch.cuda.empty_cache()

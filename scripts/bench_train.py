@@ -49,7 +49,8 @@ VARIANTS = {
     "eager + grad checkpointing, frozen TE": {"gradient_checkpointing": True, "text_encoder": False, "cuda_graph": False},
     "graph + grad checkpointing, frozen TE, channels_last off": {"gradient_checkpointing": True, "text_encoder": False, "channels_last": "off"},
 }
-COMPILE_VARIANTS = {"compile + graph": {"compile": "on"}, "compile + graph, channels_last off": {"compile": "on", "channels_last": "off"}}
+COMPILE_VARIANTS = {"compile + graph": {"compile": "on"}, "compile + graph, channels_last off": {"compile": "on", "channels_last": "off"},
+                    "compile + graph, channels_last on": {"compile": "on", "channels_last": "on"}}
 
 
 def sync(device: torch.device) -> None:
@@ -161,6 +162,7 @@ def sdlora_case(base, folder: Path, work: Path, overrides: dict, batch: int, lat
     from accelerate import Accelerator
 
     from sdlora.config import apply_base_defaults, make_config
+    from sdlora.token_rows import base_token_rows
     from sdlora.train import build_train_step, inject_lora, make_optimizer, pick_precisions, use_cuda_graph
     from sdlora.train_step import MicroBatch
 
@@ -181,6 +183,7 @@ def sdlora_case(base, folder: Path, work: Path, overrides: dict, batch: int, lat
     if cfg.text_encoder:
         cond = {k: v.to(device) for k, v in base.family.tokenize(base, captions).items()}
         encode = functools.partial(base.family.encode_prompt, base)
+        rows = base_token_rows(base, cond)  # as `sdlora train`: only the captions' token rows on the device
     else:  # frozen text encoder: embeddings cached, the encoder leaves the GPU (as `sdlora train` does)
         with torch.no_grad():
             cond = base.family.encode_prompt(base, base.family.tokenize(base, captions))
@@ -188,14 +191,17 @@ def sdlora_case(base, folder: Path, work: Path, overrides: dict, batch: int, lat
 
         def encode(c):
             return c
-    step = build_train_step(base, cfg, unet_params + te_params, opt, accelerator, mp, encode, total_steps, print)
-    try:
-        yield step, MicroBatch(latents, noise, t, cond), cfg, len(unet_hosts) + len(te_hosts)
-    finally:
-        te.to(device)
-        base.unet.disable_gradient_checkpointing()
-        te.gradient_checkpointing_disable()
-        base.unet.to(memory_format=torch.contiguous_format)
+
+        rows = contextlib.nullcontext()
+    with rows:
+        step = build_train_step(base, cfg, unet_params + te_params, opt, accelerator, mp, encode, total_steps, print)
+        try:
+            yield step, MicroBatch(latents, noise, t, cond), cfg, len(unet_hosts) + len(te_hosts)
+        finally:
+            te.to(device)
+            base.unet.disable_gradient_checkpointing()
+            te.gradient_checkpointing_disable()
+            base.unet.to(memory_format=torch.contiguous_format)
 
 
 def bench_sdlora(base, folder: Path, work: Path, name: str, overrides: dict, batch: int, latent: int,
@@ -284,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per case (median reported)")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--variants", default="all", help="comma-separated variant names, 'all', or 'default'")
+    ap.add_argument("--variants", default="all", help="variant names separated by ';' (names hold commas), 'all', or 'default'")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile variants (minutes of compilation)")
     ap.add_argument("--lever-batches", default="1,4,16", help="batch sizes for the lever rows (the default row uses --batches)")
     ap.add_argument("--cli-steps", type=int, default=100)
@@ -327,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.variants == "default":
         variants = {"sdlora (default)": {}}
     elif args.variants != "all":
-        variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
+        variants = {k: v for k, v in variants.items() if k in [n.strip() for n in args.variants.split(";")]}
     base = load_base(str(folder), "bf16" if device.type == "cuda" else "fp32", device)
     base.vae.to("cpu")  # as in training: latents are cached
     for name, overrides in variants.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -35,6 +36,7 @@ from .latents import Example, encode_images, epoch_batches, sample_latents
 from .lora_layer import LoraAdapter, LoraHost
 from .metadata import training_metadata
 from .targets import ensure_host, parse_targets, text_encoder_targets, unet_targets, uses_conv_rank
+from .token_rows import base_token_rows
 from .train_step import MicroBatch, SpeedOptions, TrainStep, to_device
 from .validation import make_cases, split_items, validation_loss
 
@@ -250,8 +252,11 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
          f"({sum(p.numel() for p in unet_params + te_params):,} trainable parameters), attention: {attention}")
     all_captions = sorted({e.item.caption for e in examples + val_examples})
     row = {c: i for i, c in enumerate(all_captions)}
+    trimmed = contextlib.ExitStack()  # the token tables, trimmed while training; put back when the loop ends
     if cfg.text_encoder:  # captions are tokenized once; the text encoder (with its LoRA) runs in every step
         token_ids = base.family.tokenize(base, all_captions)
+        sampled = base.family.tokenize(base, [*cfg.sample_prompt, ""])  # sample images' prompts and empty negative
+        trimmed.enter_context(base_token_rows(base, {k: torch.cat([ids, sampled[k]]) for k, ids in token_ids.items()}))
         encode = functools.partial(base.family.encode_prompt, base)
 
         def cond_input(captions: list[str]) -> dict[str, torch.Tensor]:
@@ -393,6 +398,7 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     finally:
         bar.close()
         log.close()
+        trimmed.close()
         if writer:
             writer.close()
 

@@ -49,8 +49,23 @@ def test_bench_train_runs_every_case_and_the_cli(work):
 def test_bench_generate_runs_every_case(work):
     bench = _load("bench_generate")
     out = bench.main(["--small", "--device", "cpu", "--steps", "2", "--repeats", "1", "--targets", "cross-attn", "--rank", "4",
-                      "--work", str(work), "--json", str(work / "gen.json")])
+                      "--interleave", "2", "--work", str(work), "--json", str(work / "gen.json")])
     cases = [r["case"] for r in out["rows"]]
     assert cases[:5] == ["0 LoRAs", "1 LoRA unfused", "1 LoRA fused", "3 LoRAs unfused", "3 LoRAs fused"]
     assert any(c.startswith("change 3 strengths, unfused") for c in cases)
     assert all(r.get("ms_per_step", 1) > 0 for r in out["rows"])
+    paired = [r for r in out["rows"] if r["case"].startswith("interleaved: ") and r["mode"] == "eager"]
+    assert [r["case"] for r in paired] == ["interleaved: 0 LoRAs", "interleaved: 1 LoRA unfused", "interleaved: 3 LoRAs unfused",
+                                           "interleaved: 3 LoRAs fused"]
+    assert paired[0]["vs_none"] == 0 and all(r["rounds"] == 2 for r in paired)
+
+
+def test_profile_step_kernels_sorts_the_step_into_kinds(work):
+    prof = _load("profile_step_kernels")
+    rows = prof.main(["--small", "--device", "cpu", "--batches", "1", "--steps", "1", "--work", str(work), "--json", str(work / "k.json")])
+    assert [r["overrides"] for r in rows] == [{}, {"text_encoder": False}]  # text-encoder LoRA on (the default), then frozen
+    for r in rows:
+        assert r["kernel_ms_per_step"] > 0 and abs(sum(r["by_kind_pct"].values()) - 100) < 1
+        assert {"convolution", "attention"} <= set(r["by_kind_ms"])  # the UNet's own work is found by name
+    assert prof.kind("sm90_xmma_dgrad_implicit_gemm_bf16") == "convolution" and prof.kind("nvjet_sm90_tst_320x128") == "matmul"
+    assert prof.kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
