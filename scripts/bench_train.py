@@ -231,6 +231,17 @@ def random_base(work: Path, device: torch.device, small: bool) -> Path:
     return folder
 
 
+def loaded_random_base(work: Path, device: torch.device, small: bool):
+    """(base, folder, latent side): the random base loaded as `sdlora train` holds it (bf16 on a GPU, VAE off the
+    device once latents are cached), for the profiling scripts."""
+    from sdlora.base import load_base
+
+    folder = random_base(work, device, small)
+    base = load_base(str(folder), "bf16" if device.type == "cuda" else "fp32", device)
+    base.vae.to("cpu")
+    return base, folder, 8 if small else 64
+
+
 def bench_cli(folder: Path, work: Path, steps: int, resolution: int, device: torch.device, extra: list[str]) -> dict:
     """The whole `sdlora train` command: data, caching, loop, logging, saving."""
     from sdlora.world import write_dataset

@@ -54,16 +54,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--work")
     args = ap.parse_args(argv)
-    from bench_train import random_base
-
-    from sdlora.base import load_base
+    from bench_train import loaded_random_base
 
     device = torch.device(args.device)
     work = Path(args.work or tempfile.mkdtemp(prefix="profile-mem-"))
-    folder = random_base(work, device, args.small)
-    latent = 8 if args.small else 64
-    base = load_base(str(folder), "bf16" if device.type == "cuda" else "fp32", device)
-    base.vae.to("cpu")
+    base, folder, latent = loaded_random_base(work, device, args.small)
     rows = []
     for kw in ({"text_encoder": False, "channels_last": "off"}, {"text_encoder": False, "channels_last": "off", "gradient_checkpointing": True},
                {"text_encoder": False}, {"text_encoder": False, "gradient_checkpointing": True}):

@@ -42,6 +42,18 @@ class SpeedOptions:
     log: Callable[[str], None] = field(default=print, repr=False)
 
 
+def prediction_error(unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: dict,
+                     v_prediction: bool, dtype: torch.dtype, channels_last: bool = False) -> torch.Tensor:
+    """Per-example MSE between the UNet's prediction on the noised latents and its target (the noise, or the
+    velocity for v-prediction models): the training loss before weighting, and the validation loss."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+    if channels_last:
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
+    pred = unet(noisy.to(dtype), timesteps, **cond).sample
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
 class TrainStep:
     """Calls: step(micro_batches) -> mean loss as a device tensor. Never reads the GPU back (no host sync)."""
 
@@ -84,13 +96,9 @@ class TrainStep:
         from diffusers.training_utils import compute_snr
 
         sched = self.scheduler
-        noisy = sched.add_noise(mb.latents, mb.noise, mb.timesteps)
-        target = sched.get_velocity(mb.latents, mb.noise, mb.timesteps) if self.v_prediction else mb.noise
-        if self.speed.channels_last:
-            noisy = noisy.contiguous(memory_format=torch.channels_last)
         with self._autocast(capturing), self._attention():
-            pred = self.unet(noisy.to(self.dtype), mb.timesteps, **self.encode(mb.cond)).sample
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            loss = prediction_error(self.unet, sched, mb.latents, mb.noise, mb.timesteps, self.encode(mb.cond),
+                                    self.v_prediction, self.dtype, self.speed.channels_last)
         if self.min_snr_gamma:
             snr = compute_snr(sched, mb.timesteps)
             loss = loss * snr.clamp(max=self.min_snr_gamma) / (snr + 1 if self.v_prediction else snr)

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .dataset import ImageItem
 from .errors import SdloraError
 from .latents import Example
+from .train_step import prediction_error  # the training loss itself (validation leaves out min-SNR weighting)
 
 TIMESTEPS = (100, 300, 500, 700, 900)
 
@@ -53,11 +53,9 @@ def validation_loss(cases: list[ValidationCase], unet, scheduler, cond_for: Call
     device, dtype = unet.device, unet.dtype
     total = 0.0
     for case in cases:
-        lat, noise = case.latents.to(device), case.noise.to(device)
         t = torch.tensor([case.timestep], device=device)
-        noisy = scheduler.add_noise(lat, noise, t)
-        target = scheduler.get_velocity(lat, noise, t) if v_pred else noise
         with autocast():
-            pred = unet(noisy.to(dtype), t, **cond_for([case.caption])).sample
-        total += F.mse_loss(pred.float(), target.float()).item()
+            err = prediction_error(unet, scheduler, case.latents.to(device), case.noise.to(device), t,
+                                   cond_for([case.caption]), v_pred, dtype)
+        total += err.item()
     return total / len(cases)
