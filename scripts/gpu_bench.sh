@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session's benchmark calls (issue 5), as run through the device tool on the lent H100.
-# Usage: bash scripts/gpu_bench.sh OUT_DIR [train|compile|compile16|generate|profile|kernels]...
+# Usage: bash scripts/gpu_bench.sh OUT_DIR [train|compile|compile16|generate|profile|kernels|trace]...
 # Env: TRAIN_VARIANTS (bench_train --variants), GEN_MODES, GEN_TARGETS, GEN_REPEATS, GEN_INTERLEAVE (bench_generate).
 # Needs diffusers on the GPU machine: the wheels in .whl/ are installed into /tmp/site first.
 set -u
@@ -17,6 +17,7 @@ for what in "$@"; do
     compile16) python3 scripts/bench_train.py --work /tmp/bench --variants "compile + graph; compile + graph, channels_last on" \
                  --compile --batches 16 --lever-batches 16 --cli-steps 0 --json "$out/bench-compile16.json" > "$out/bench-compile16.log" 2>&1 ;;
     kernels) python3 scripts/profile_step_kernels.py --work /tmp/bench --json "$out/profile-kernels.json" > "$out/profile-kernels.log" 2>&1 ;;
+    trace) python3 scripts/trace_graph_memory.py --work /tmp/bench --json "$out/trace-graph-memory.json" > "$out/trace-graph-memory.log" 2>&1 ;;
     profile) python3 scripts/profile_step_memory.py --work /tmp/bench --json "$out/profile-memory.json" > "$out/profile-memory.log" 2>&1 ;;
     generate) python3 scripts/bench_generate.py --work /tmp/bench --modes "${GEN_MODES:-graph,eager}" \
                 --targets "${GEN_TARGETS:-cross-attn,all-linear}" --repeats "${GEN_REPEATS:-5}" --interleave "${GEN_INTERLEAVE:-0}" --json "$out/bench-generate.json" > "$out/bench-generate.log" 2>&1 ;;

@@ -2,7 +2,7 @@
 LoRA trained with the README's default command shows its style at strength 1, not at 0, and keeps the
 shapes, and two style LoRAs mixed at 1.0 each both show.
 
-Slow (5m51s on one CPU thread: two default training runs plus ~70 generated images) but run in CI.
+Slow (two default training runs plus ~70 generated images; minutes on a CPU) but run in CI.
 """
 
 import numpy as np
