@@ -17,7 +17,9 @@ for what in "$@"; do
     compile16) python3 scripts/bench_train.py --work /tmp/bench --variants "compile + graph; compile + graph, channels_last on" \
                  --compile --batches 16 --lever-batches 16 --cli-steps 0 --json "$out/bench-compile16.json" > "$out/bench-compile16.log" 2>&1 ;;
     kernels) python3 scripts/profile_step_kernels.py --work /tmp/bench --json "$out/profile-kernels.json" > "$out/profile-kernels.log" 2>&1 ;;
-    trace) python3 scripts/trace_graph_memory.py --work /tmp/bench --json "$out/trace-graph-memory.json" > "$out/trace-graph-memory.log" 2>&1 ;;
+    trace) for c in 0 1 2; do  # one fresh process per case
+             python3 scripts/trace_graph_memory.py --work /tmp/bench --case $c --json "$out/trace-graph-memory-$c.json" > "$out/trace-graph-memory-$c.log" 2>&1
+           done ;;
     profile) python3 scripts/profile_step_memory.py --work /tmp/bench --json "$out/profile-memory.json" > "$out/profile-memory.log" 2>&1 ;;
     generate) python3 scripts/bench_generate.py --work /tmp/bench --modes "${GEN_MODES:-graph,eager}" \
                 --targets "${GEN_TARGETS:-cross-attn,all-linear}" --repeats "${GEN_REPEATS:-5}" --interleave "${GEN_INTERLEAVE:-0}" --json "$out/bench-generate.json" > "$out/bench-generate.log" 2>&1 ;;

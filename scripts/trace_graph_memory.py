@@ -24,6 +24,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
+CASES = ({"gradient_checkpointing": True, "text_encoder": False}, {"gradient_checkpointing": True}, {})
+
+
 def where(frames: list[dict]) -> str:
     """The innermost frames worth reading: ours, diffusers', and the torch function that allocated."""
     keep = [f for f in frames if any(k in f["filename"] for k in ("sdlora", "diffusers", "torch/nn", "torch/optim", "torch/utils"))]
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--case", type=int, action="append", help="only these CASES (0-based; repeatable): run each in a fresh "
+                    "process, since memory left by an earlier case in the same process shows in the later ones")
     ap.add_argument("--work")
     args = ap.parse_args(argv)
     from bench_train import loaded_random_base, sdlora_case
@@ -59,10 +64,13 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="trace-graph-"))
     base, folder, latent = loaded_random_base(work, device, args.small)
     out: dict = {"cases": []}
-    for overrides in ({"gradient_checkpointing": True, "text_encoder": False}, {}):
+    for k, overrides in enumerate(CASES):
+        if args.case and k not in args.case:
+            continue
         with sdlora_case(base, folder, work, overrides, 1, latent, device, 20) as (step, mb, _, _):
             if cuda:
                 torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
                 torch.cuda.memory._record_memory_history(max_entries=200_000)
             row: dict = {"overrides": overrides}
             for i in range(step.speed.warmup + 2 if cuda else 2):
@@ -71,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
                     torch.cuda.synchronize(device)
                     row[f"allocated_after_step_{i + 1}_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 3)
             row["captured"] = bool(step.graphs)
+            if cuda:  # warm-up, capture and replays: the peak `sdlora train` would see for this step
+                row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
             if cuda:
                 row |= live_blocks(device)
                 torch.cuda.memory._record_memory_history(enabled=None)

@@ -69,3 +69,10 @@ def test_profile_step_kernels_sorts_the_step_into_kinds(work):
         assert {"convolution", "attention"} <= set(r["by_kind_ms"])  # the UNet's own work is found by name
     assert prof.kind("sm90_xmma_dgrad_implicit_gemm_bf16") == "convolution" and prof.kind("nvjet_sm90_tst_320x128") == "matmul"
     assert prof.kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
+
+
+def test_trace_graph_memory_runs_the_chosen_case(work):
+    trace = _load("trace_graph_memory")
+    out = trace.main(["--small", "--device", "cpu", "--case", "0", "--work", str(work), "--json", str(work / "t.json")])
+    assert [c["overrides"] for c in out["cases"]] == [trace.CASES[0]]  # only the chosen case, so each can have its own process
+    assert out["cases"][0]["captured"] is False  # CUDA graphs need a GPU; the CPU run checks the path, not memory
