@@ -9,11 +9,15 @@ Not in transformers or peft: they keep whole vocabularies, as inference needs.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .base import BaseModel
 
 
 class TokenRows(nn.Module):
@@ -33,7 +37,7 @@ class TokenRows(nn.Module):
         return F.embedding(self.lookup[ids], self.weight)
 
 
-def base_token_rows(base, token_ids: dict[str, torch.Tensor]):
+def base_token_rows(base: BaseModel, token_ids: dict[str, torch.Tensor]) -> AbstractContextManager[None]:
     """token_rows_only for a BaseModel, given family.tokenize's output for every prompt the block will encode."""
     return token_rows_only((base.text_encoders[k], ids, base.tokenizers[k].eos_token_id) for k, ids in token_ids.items())
 
