@@ -233,13 +233,30 @@ def random_base(work: Path, device: torch.device, small: bool) -> Path:
 
 def loaded_random_base(work: Path, device: torch.device, small: bool):
     """(base, folder, latent side): the random base loaded as `sdlora train` holds it (bf16 on a GPU, VAE off the
-    device once latents are cached), for the profiling scripts."""
+    device once latents are cached)."""
     from sdlora.base import load_base
 
     folder = random_base(work, device, small)
     base = load_base(str(folder), "bf16" if device.type == "cuda" else "fp32", device)
     base.vae.to("cpu")
     return base, folder, 8 if small else 64
+
+
+def profiling_args(doc: str) -> argparse.ArgumentParser:
+    """The options every profiling script takes (--json, --device, --small, --work); each adds its own."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--small", action="store_true", help="a tiny model of the same layout (CPU smoke test)")
+    ap.add_argument("--work", help="working folder (default: a temporary one)")
+    return ap
+
+
+def profiling_setup(args: argparse.Namespace, prefix: str):
+    """(device, work, base, folder, latent side) from profiling_args' options."""
+    device = torch.device(args.device)
+    work = Path(args.work or tempfile.mkdtemp(prefix=prefix))
+    return (device, work, *loaded_random_base(work, device, args.small))
 
 
 def bench_cli(folder: Path, work: Path, steps: int, resolution: int, device: torch.device, extra: list[str]) -> dict:
@@ -307,8 +324,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cli-steps", type=int, default=100)
     ap.add_argument("--work", help="working folder (default: a temporary one)")
     args = ap.parse_args(argv)
-    from sdlora.base import load_base
-
     device = torch.device(args.device)
     env = environment(device, argv)
     if device.type == "cuda":
@@ -345,8 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         variants = {"sdlora (default)": {}}
     elif args.variants != "all":
         variants = {k: v for k, v in variants.items() if k in [n.strip() for n in args.variants.split(";")]}
-    base = load_base(str(folder), "bf16" if device.type == "cuda" else "fp32", device)
-    base.vae.to("cpu")  # as in training: latents are cached
+    base, _, _ = loaded_random_base(work, device, args.small)  # as in training: latents cached, VAE off the device
     for name, overrides in variants.items():
         if device.type != "cuda" and overrides.get("sdpa_backend"):
             continue  # GPU attention kernels

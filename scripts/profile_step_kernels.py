@@ -10,10 +10,8 @@ CPU smoke: --small --device cpu (CPU operator times instead of kernels)
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -71,19 +69,13 @@ def step_profile(base, folder: Path, work: Path, batch: int, latent: int, device
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", required=True)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--small", action="store_true")
+    from bench_train import profiling_args, profiling_setup
+
+    ap = profiling_args(__doc__)
     ap.add_argument("--batches", default="16,1")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--work")
     args = ap.parse_args(argv)
-    from bench_train import loaded_random_base
-
-    device = torch.device(args.device)
-    work = Path(args.work or tempfile.mkdtemp(prefix="profile-kernels-"))
-    base, folder, latent = loaded_random_base(work, device, args.small)
+    device, work, base, folder, latent = profiling_setup(args, "profile-kernels-")
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         for overrides in ({}, {"text_encoder": False}):

@@ -7,10 +7,8 @@ CPU smoke: --small --device cpu (memory figures are CUDA-only and read as null t
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -48,17 +46,11 @@ def profile(base, folder: Path, work: Path, batch: int, latent: int, device: tor
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", required=True)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--small", action="store_true")
-    ap.add_argument("--work")
-    args = ap.parse_args(argv)
-    from bench_train import loaded_random_base
+    from bench_train import profiling_args, profiling_setup
 
-    device = torch.device(args.device)
-    work = Path(args.work or tempfile.mkdtemp(prefix="profile-mem-"))
-    base, folder, latent = loaded_random_base(work, device, args.small)
+    ap = profiling_args(__doc__)
+    args = ap.parse_args(argv)
+    device, work, base, folder, latent = profiling_setup(args, "profile-mem-")
     rows = []
     for kw in ({"text_encoder": False, "channels_last": "off"}, {"text_encoder": False, "channels_last": "off", "gradient_checkpointing": True},
                {"text_encoder": False}, {"text_encoder": False, "gradient_checkpointing": True}):

@@ -10,10 +10,8 @@ CPU: not meaningful (CUDA allocator only); --small --device cpu runs the step an
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -49,20 +47,14 @@ def live_blocks(device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", required=True)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--small", action="store_true")
+    from bench_train import profiling_args, profiling_setup, sdlora_case
+
+    ap = profiling_args(__doc__)
     ap.add_argument("--case", type=int, action="append", help="only these CASES (0-based; repeatable): run each in a fresh "
                     "process, since memory left by an earlier case in the same process shows in the later ones")
-    ap.add_argument("--work")
     args = ap.parse_args(argv)
-    from bench_train import loaded_random_base, sdlora_case
-
-    device = torch.device(args.device)
+    device, work, base, folder, latent = profiling_setup(args, "trace-graph-")
     cuda = device.type == "cuda"
-    work = Path(args.work or tempfile.mkdtemp(prefix="trace-graph-"))
-    base, folder, latent = loaded_random_base(work, device, args.small)
     out: dict = {"cases": []}
     for k, overrides in enumerate(CASES):
         if args.case and k not in args.case:
@@ -79,9 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
                     torch.cuda.synchronize(device)
                     row[f"allocated_after_step_{i + 1}_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 3)
             row["captured"] = bool(step.graphs)
-            if cuda:  # warm-up, capture and replays: the peak `sdlora train` would see for this step
+            if cuda:  # the peak covers warm-up, capture and replays: what `sdlora train` would see for this step
                 row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-            if cuda:
                 row |= live_blocks(device)
                 torch.cuda.memory._record_memory_history(enabled=None)
             out["cases"].append(row)

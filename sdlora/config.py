@@ -47,7 +47,7 @@ class TrainConfig:
     te_mlp: bool = opt(False, "include the text encoder's MLP (fc1/fc2) layers")
     lora_init: str = opt("kaiming", "init of the down matrix (up starts at zero)", choices=["kaiming", "gaussian"])
     # optimisation
-    steps: int | None = opt(None, "optimizer steps (default 500, or the base's recommendation: 500 on tiny; unless --epochs is given)")
+    steps: int | None = opt(None, "optimizer steps (default 500, or the base's recommendation; unless --epochs is given)")
     epochs: int | None = opt(None, "train for this many passes over the (repeated) images instead of --steps")
     batch_size: int = opt(1, "images per step")
     grad_accum: int = opt(1, "gradient accumulation steps")

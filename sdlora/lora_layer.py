@@ -197,6 +197,7 @@ class LoraHost(nn.Module):
 
     @torch.no_grad()
     def _merged_weight(self) -> torch.Tensor:
+        """W + sum s*dW in W's dtype: what fuse writes, and the GPU inference copy."""
         w = self.base.weight
         delta = sum((a.delta_weight() * s for n, a in self.adapters.items() if (s := self.strengths[n]) != 0.0),
                     torch.zeros((), device=w.device))
@@ -238,12 +239,8 @@ class LoraHost(nn.Module):
         if self.fused:
             return
         w = self.base.weight
-        delta = sum(
-            (a.delta_weight() * self.strengths[n] for n, a in self.adapters.items() if self.strengths[n] != 0.0),
-            torch.zeros((), device=w.device),
-        )
         self._backup = w.detach().clone()
-        w.copy_((w.float() + delta).to(w.dtype))
+        w.copy_(self._merged_weight())
         self._reset()
 
     @torch.no_grad()
