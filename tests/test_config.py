@@ -41,11 +41,11 @@ def test_unset_options_take_the_base_recommendation_then_the_fallback(tmp_path):
     from sdlora.tiny_base import tiny_base_dir
 
     plain = apply_base_defaults(make_config(None, images="i"), tmp_path)  # a base without recommendations
-    assert (plain.unet_lr, plain.targets, plain.steps) == (1e-4, "cross-attn", 500)
+    assert (plain.unet_lr, plain.targets, plain.steps, plain.noise_offset) == (1e-4, "cross-attn", 500, 0.0)
     tiny = apply_base_defaults(make_config(None, images="i"), tiny_base_dir())
-    assert (tiny.unet_lr, tiny.targets, tiny.steps) == (1e-3, "all-linear", 500)
-    mine = apply_base_defaults(make_config(None, images="i", unet_lr=2e-4, targets="attn", epochs=3), tiny_base_dir())
-    assert (mine.unet_lr, mine.targets, mine.steps) == (2e-4, "attn", None)  # explicit values and --epochs win
+    assert (tiny.unet_lr, tiny.targets, tiny.steps, tiny.noise_offset) == (1e-3, "all-linear", 500, 0.15)
+    mine = apply_base_defaults(make_config(None, images="i", unet_lr=2e-4, targets="attn", epochs=3, noise_offset=0.0), tiny_base_dir())
+    assert (mine.unet_lr, mine.targets, mine.steps, mine.noise_offset) == (2e-4, "attn", None, 0.0)  # explicit values and --epochs win
 
 
 def test_list_default_is_not_shared():

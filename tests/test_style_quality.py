@@ -1,8 +1,8 @@
 """Issue 3's quality bars on the CPU: the tiny base draws what it is asked and does not look styled, a style
 LoRA trained with the README's default command shows its style at strength 1, not at 0, and keeps the
-shapes, and two style LoRAs mixed at 1.0 each both show.
+prompted colours and shapes, and two style LoRAs mixed at 1.0 each both show.
 
-Slow (two default training runs plus ~70 generated images; minutes on a CPU) but run in CI.
+Slow (two default training runs plus ~200 generated images; minutes on a CPU) but run in CI.
 """
 
 import numpy as np
@@ -43,8 +43,8 @@ def _default_lora(tmp_path_factory, style: str):
 
 
 @pytest.fixture(scope="module")
-def halftone_lora(tmp_path_factory):
-    return _default_lora(tmp_path_factory, "halftone")
+def pastel_lora(tmp_path_factory):
+    return _default_lora(tmp_path_factory, "pastel")
 
 
 @pytest.fixture(scope="module")
@@ -52,21 +52,23 @@ def sketch_lora(tmp_path_factory):
     return _default_lora(tmp_path_factory, "sketch")
 
 
-def test_default_style_lora_shows_its_style_and_keeps_the_shapes(sketch_lora):
+def test_default_style_lora_shows_its_style_and_keeps_colour_and_shape(pastel_lora):
     base = load_base("tiny")
-    report, _ = run_eval(base, [LoraSpec(str(sketch_lora))], builtin_prompts(12, "sks sketch"), [0.0, 0.5, 1.0], ["sketch"])
+    # the 48 prompts of BENCHMARKS.md's measurement: fewer let a few images swing the accuracies by 8 points each
+    report, _ = run_eval(base, [LoraSpec(str(pastel_lora))], builtin_prompts(48, "sks pastel"), [0.0, 0.5, 1.0], ["pastel"])
     at = {row["strength"]: row for row in report.rows}
-    style = [at[k]["style_scores"]["sketch"] for k in (0.0, 0.5, 1.0)]
+    style = [at[k]["style_scores"]["pastel"] for k in (0.0, 0.5, 1.0)]
     assert style[2] >= 0.8 and style[0] <= 0.2, style
     assert style[0] < style[1] < style[2], style  # rises with strength
-    assert at[1.0]["shape_accuracy"] >= at[0.0]["shape_accuracy"] - 0.15
-    # Not yet met, so not asserted (BENCHMARKS.md, issue 3): colour accuracy at strength 1 falls more than 15 points
-    # below strength 0 for every example style, and the halftone and pastel LoRAs stay below 0.8 at strength 1.
+    assert at[1.0]["colour_accuracy"] >= at[0.0]["colour_accuracy"] - 0.15, (at[0.0], at[1.0])
+    assert at[1.0]["shape_accuracy"] >= at[0.0]["shape_accuracy"] - 0.15, (at[0.0], at[1.0])
+    # Only pastel is asserted: the sketch and halftone LoRAs lose the colour (sketch) or stay below 0.8 (halftone);
+    # BENCHMARKS.md, issue 3.
 
 
-def test_two_style_loras_mixed_both_show(halftone_lora, sketch_lora):
+def test_two_style_loras_mixed_both_show(pastel_lora, sketch_lora):
     base = load_base("tiny")
-    specs = [LoraSpec(str(halftone_lora)), LoraSpec(str(sketch_lora))]
-    report, _ = run_eval(base, specs, builtin_prompts(12, "sks halftone, sks sketch"), [1.0], ["halftone", "sketch"])
+    specs = [LoraSpec(str(pastel_lora)), LoraSpec(str(sketch_lora))]
+    report, _ = run_eval(base, specs, builtin_prompts(12, "sks pastel, sks sketch"), [1.0], ["pastel", "sketch"])
     scores = report.rows[0]["style_scores"]
-    assert scores["halftone"] >= 0.5 and scores["sketch"] >= 0.5, scores
+    assert scores["pastel"] >= 0.5 and scores["sketch"] >= 0.5, scores

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 3 recipe sweep on the lent GPU: each line of RECIPES ("name|style|UNet blocks (empty: all)|extra train flags") runs
+# scripts/eval_styles.py (the README's train command plus the flags, then `sdlora eval` at 0/0.5/1 on PROMPTS
+# held-out prompts), JOBS at a time on the one GPU, in fp32 like the CPU path. Results: OUT_DIR/results.tgz
+# (<name>.json and each run's log in one file: the device returns at most 8). The blocks field restricts the UNet LoRA
+# to those blocks only with benchmarks/2026-12-02-unet-blocks-probe.patch applied (a probe, not a shipped option).
+# Usage: bash scripts/gpu_style_sweep.sh OUT_DIR RECIPES [PROMPTS] [JOBS]
+set -u
+out=$1 recipes=$2 prompts=${3:-48} jobs=${4:-4}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=2
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
+run() {  # name style blocks flags
+  SDLORA_BLOCKS=$3 python3 scripts/eval_styles.py --styles "$2" --mix "" --prompts "$prompts" --work "/tmp/sweep/$1" \
+    --train-args "--precision fp32 --mixed-precision no $4" --json "$out/$1.json" > "/tmp/sweep-$1.log" 2>&1
+  echo "$1 exit $? $(date +%T)" >> "$out/status.txt"
+}
+while IFS='|' read -r name style blocks flags; do
+  [ -z "$name" ] && continue
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 1; done
+  run "$name" "$style" "$blocks" "$flags" &
+done < "$recipes"
+wait
+cd "$out" && tar czf results.tgz --remove-files ./*.json /tmp/sweep-*.log 2>/dev/null
