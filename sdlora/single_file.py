@@ -265,7 +265,9 @@ def _assemble(make, state: dict[str, torch.Tensor], dtype: torch.dtype, what: st
             f"{path.name}: the {what} weights do not fit the SD1 layout read from their shapes "
             f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped; {first})"
         )
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    # copies in memory of our own: safetensors can hand out views into the mapped file, at offsets that keep the
+    # file open and change which CPU kernels run (fp32 outputs then differ from the folder's in the last bit)
+    state = {k: v.to(dtype, copy=True) if v.is_floating_point() else v.clone() for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.requires_grad_(False).eval()
 
