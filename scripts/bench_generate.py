@@ -36,8 +36,8 @@ PROMPT = "sks sketch, a small red circle above a blue square on a grey backgroun
 
 def random_lora(base, path: Path, targets: str, rank: int, seed: int) -> Path:
     """A LoRA file over the layers `sdlora train --targets T` would touch (text encoder included), random weights."""
-    from sdlora.adapter_file import ModuleWeights, save_adapter
-    from sdlora.targets import text_encoder_targets, unet_targets
+    from sdlora.formats.kohya import ModuleWeights, save_adapter
+    from sdlora.lora.targets import text_encoder_targets, unet_targets
 
     g = torch.Generator().manual_seed(seed)
     mods = {}
@@ -64,7 +64,7 @@ def step_time(pipe, device: torch.device, steps: int, repeats: int, size: int) -
 
 def bench_layout(base, pipe, files: list[Path], device: torch.device, steps: int, repeats: int, size: int, record) -> None:
     """0, 1 and 3 LoRAs unfused and fused, strength changes, and the base again after removing them."""
-    from sdlora.mixer import LoraMixer
+    from sdlora.lora.mixer import LoraMixer
 
     none = step_time(pipe, device, steps, repeats, size)
     record("0 LoRAs", ms_per_step=none * 1000)
@@ -111,7 +111,7 @@ def bench_layout(base, pipe, files: list[Path], device: torch.device, steps: int
 
 def bench_interleaved(base, pipe, files: list[Path], device: torch.device, steps: int, rounds: int, size: int, record) -> None:
     """The cases in turns, so drift cancels out of the paired ratios (see the module docstring)."""
-    from sdlora.mixer import LoraMixer
+    from sdlora.lora.mixer import LoraMixer
 
     mixer = LoraMixer(base)
     strengths = (0.8, 0.5, 0.3)
@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--interleave", type=int, default=0, help="rounds of the interleaved comparison (0: skip it)")
     ap.add_argument("--work")
     args = ap.parse_args(argv)
-    from sdlora.base import load_base
-    from sdlora.unet_graph import graphed_unet
+    from sdlora.models.base import load_base
+    from sdlora.sample.unet_graph import graphed_unet
 
     device = torch.device(args.device)
     env = environment(device, argv)

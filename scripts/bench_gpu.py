@@ -30,8 +30,8 @@ def make_images(folder: Path, n: int, size: int) -> None:
 
 
 def bench_train(base: str, images: Path, out: Path, batch: int, steps: int, **kw) -> dict:
-    from sdlora.config import make_config
-    from sdlora.train import train
+    from sdlora.training.config import make_config
+    from sdlora.training.loop import train
 
     cfg = make_config(None, base=base, images=str(images), output=str(out), steps=steps, batch_size=batch,
                       resolution=512, rank=4, progress=False, overwrite=True, trigger="sks sketch", **kw)
@@ -43,9 +43,9 @@ def bench_train(base: str, images: Path, out: Path, batch: int, steps: int, **kw
 
 
 def bench_generate(base: str, loras: list[str], fuse: bool, n: int = 4, steps: int = 20) -> dict:
-    from sdlora.base import load_base
-    from sdlora.generate import generate_images
-    from sdlora.mixer import LoraMixer
+    from sdlora.lora.mixer import LoraMixer
+    from sdlora.models.base import load_base
+    from sdlora.sample.generate import generate_images
 
     b = load_base(base, "fp16", "cuda")
     mixer = LoraMixer(b)

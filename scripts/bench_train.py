@@ -2,7 +2,7 @@
 
 (a) baseline: SD1.5-architecture UNet (random weights, bf16), peft LoRA rank 4 on attention q/k/v/out, fp32 LoRA
     params, autocast bf16, SDPA, fused AdamW, stepped eagerly (as in ../shared/docs/measurements.md);
-(b) sdlora: the TrainStep that `sdlora train` builds (sdlora.train.build_train_step), default targets, text-encoder
+(b) sdlora: the TrainStep that `sdlora train` builds (sdlora.training.build_train_step), default targets, text-encoder
     LoRA on, cached latents and token ids; plus one row per speed lever.
 Each case: warm-up steps, then the median of --steps steps timed with CUDA events; peak = max_memory_allocated
 with only that case's model resident. Then the whole `sdlora train` CLI runs --cli-steps steps on a small dataset.
@@ -161,10 +161,10 @@ def sdlora_case(base, folder: Path, work: Path, overrides: dict, batch: int, lat
     undoes the case's changes to the shared model afterwards (its graphs and optimizer go with the caller's frame)."""
     from accelerate import Accelerator
 
-    from sdlora.config import apply_base_defaults, make_config
-    from sdlora.token_rows import base_token_rows
-    from sdlora.train import build_train_step, inject_lora, make_optimizer, pick_precisions, use_cuda_graph
-    from sdlora.train_step import MicroBatch
+    from sdlora.training.config import apply_base_defaults, make_config
+    from sdlora.training.loop import build_train_step, inject_lora, make_optimizer, pick_precisions, use_cuda_graph
+    from sdlora.training.step import MicroBatch
+    from sdlora.training.token_rows import base_token_rows
 
     cfg = apply_base_defaults(make_config(None, base=str(folder), images=str(work), rank=4, batch_size=batch,
                                           device=device.type, **overrides), base.path)
@@ -234,7 +234,7 @@ def random_base(work: Path, device: torch.device, small: bool) -> Path:
 def loaded_random_base(work: Path, device: torch.device, small: bool):
     """(base, folder, latent side): the random base loaded as `sdlora train` holds it (bf16 on a GPU, VAE off the
     device once latents are cached)."""
-    from sdlora.base import load_base
+    from sdlora.models.base import load_base
 
     folder = random_base(work, device, small)
     base = load_base(str(folder), "bf16" if device.type == "cuda" else "fp32", device)
@@ -261,12 +261,12 @@ def profiling_setup(args: argparse.Namespace, prefix: str):
 
 def bench_cli(folder: Path, work: Path, steps: int, resolution: int, device: torch.device, extra: list[str]) -> dict:
     """The whole `sdlora train` command: data, caching, loop, logging, saving."""
-    from sdlora.world import write_dataset
+    from sdlora.eval.world import write_dataset
 
     images = work / "cli-images"
     if not images.exists():
         write_dataset("sketch", 16, resolution, 0, images, "")
-    cmd = [sys.executable, "-m", "sdlora.cli", "train", "--base", str(folder), "--images", str(images), "--trigger", "sks sketch",
+    cmd = [sys.executable, "-m", "sdlora.cli.main", "train", "--base", str(folder), "--images", str(images), "--trigger", "sks sketch",
            "--rank", "4", "--steps", str(steps), "--batch-size", "1", "--resolution", str(resolution), "--device", device.type,
            "--output", str(work / "cli-out"), "--overwrite", "--no-progress", *extra]
     t = time.perf_counter()

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sdlora import world  # noqa: E402
-from sdlora.tiny_base import SCHEDULER_CONFIG, TEXT_CONFIG, TOKENIZER_DIR, UNET_CONFIG, VAE_CONFIG  # noqa: E402
+from sdlora.eval import world  # noqa: E402
+from sdlora.models.tiny import SCHEDULER_CONFIG, TEXT_CONFIG, TOKENIZER_DIR, UNET_CONFIG, VAE_CONFIG  # noqa: E402
 
 SIZE = 128
 
@@ -143,7 +143,7 @@ def _mixes(job: tuple[np.ndarray, int, int]) -> tuple[list[np.ndarray], list[tup
 def checker_data(args, vae, device) -> dict[str, torch.Tensor]:
     """VAE-passed renders of single-object scenes in every style plus two-style composites, with labels.
     The first 200 scenes are held out for the accuracy report."""
-    from sdlora.checker import COLOUR_NAMES, INPUT, SHAPE_NAMES
+    from sdlora.eval.checker import COLOUR_NAMES, INPUT, SHAPE_NAMES
 
     styles = list(world.STYLES)
     n = args.checker_scenes
@@ -179,7 +179,7 @@ def train_checker(args, vae, device) -> dict:
     trained on single-style renders and on composites where both styles are really drawn."""
     from safetensors.torch import load_file, save_file
 
-    from sdlora.checker import Checker
+    from sdlora.eval.checker import Checker
 
     d = checker_data(args, vae, device)
     x, colour, shape, style = d["x"], d["colour"], d["shape"], d["style"]
@@ -305,9 +305,9 @@ def train_unet(args, device) -> dict:
 
 def evaluate(args, device) -> dict:
     """Generate the 200 held-out prompts with the saved (fp16) base and judge them."""
-    from sdlora.base import load_base
-    from sdlora.checker import judge, load_checker
-    from sdlora.generate import generate_images
+    from sdlora.eval.checker import judge, load_checker
+    from sdlora.models.base import load_base
+    from sdlora.sample.generate import generate_images
 
     base = load_base(str(args.out), "fp16" if device.type == "cuda" else "fp32", device)
     checker = load_checker(args.out / "checker.safetensors")

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sh(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "sdlora.cli", *args], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "sdlora.cli.main", *args], check=True, cwd=ROOT)
 
 
 def main() -> None:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sdlora.base import load_base
-from sdlora.checker import judge, load_checker
-from sdlora.evaluate import builtin_prompts
-from sdlora.generate import generate_images
-from sdlora.mixer import LoraMixer
-from sdlora.world import COLOURS
+from sdlora.eval.checker import judge, load_checker
+from sdlora.eval.evaluate import builtin_prompts
+from sdlora.eval.world import COLOURS
+from sdlora.lora.mixer import LoraMixer
+from sdlora.models.base import load_base
+from sdlora.sample.generate import generate_images
 
 HUES = {c: colorsys.rgb_to_hsv(*[v / 255 for v in rgb])[0] for c, rgb in COLOURS.items()}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sdlora.tiny_base import SCHEDULER_CONFIG, TOKENIZER_DIR  # noqa: E402
+from sdlora.models.tiny import SCHEDULER_CONFIG, TOKENIZER_DIR  # noqa: E402
 
 UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -78,8 +78,8 @@ def main() -> None:
     write_random_base(out, dtype, args.device, args.small)
     print(f"wrote {out}")
     if args.single_file:
-        from sdlora.base import load_base
-        from sdlora.single_file import save_single_file
+        from sdlora.models.base import load_base
+        from sdlora.models.single_file import save_single_file
 
         save_single_file(load_base(str(out), "fp32" if dtype == torch.float32 else "fp16"), args.single_file, dtype)
         print(f"wrote {args.single_file}")

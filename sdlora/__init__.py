@@ -6,16 +6,16 @@ The public API is imported lazily so `sdlora --help` does not pay for torch and 
 __version__ = "0.1.0"
 
 _API = {
-    "train": "sdlora.train",
-    "TrainResult": "sdlora.train",
-    "TrainConfig": "sdlora.config",
-    "make_config": "sdlora.config",
-    "load_base": "sdlora.base",
-    "BaseModel": "sdlora.base",
-    "LoraMixer": "sdlora.mixer",
-    "generate_images": "sdlora.generate",
-    "load_adapter": "sdlora.adapter_file",
-    "save_adapter": "sdlora.adapter_file",
+    "train": "sdlora.training.loop",
+    "TrainResult": "sdlora.training.loop",
+    "TrainConfig": "sdlora.training.config",
+    "make_config": "sdlora.training.config",
+    "load_base": "sdlora.models.base",
+    "BaseModel": "sdlora.models.base",
+    "LoraMixer": "sdlora.lora.mixer",
+    "generate_images": "sdlora.sample.generate",
+    "load_adapter": "sdlora.formats.kohya",
+    "save_adapter": "sdlora.formats.kohya",
     "SdloraError": "sdlora.errors",
 }
 __all__ = list(_API)

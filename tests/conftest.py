@@ -31,7 +31,7 @@ def style_dir(tmp_path) -> Path:
 
 
 def quick_config(images, output, **kw):
-    from sdlora.config import make_config
+    from sdlora.training.config import make_config
 
     values = dict(images=str(images), output=str(output), steps=30, rank=4, seed=7, progress=False,
                   trigger="sks sketch", unet_lr=1e-3, targets="cross-attn")
@@ -42,7 +42,7 @@ def quick_config(images, output, **kw):
 @pytest.fixture(scope="session")
 def trained_lora(tmp_path_factory) -> Path:
     """One 30-step LoRA shared by the read-only tests."""
-    from sdlora.train import train
+    from sdlora.training.loop import train
 
     root = tmp_path_factory.mktemp("trained")
     imgs = root / "images"

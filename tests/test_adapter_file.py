@@ -12,8 +12,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from sdlora import atomic
-from sdlora.adapter_file import (
+from sdlora import util as atomic
+from sdlora.errors import SdloraError
+from sdlora.formats.kohya import (
     AdapterFile,
     ModuleWeights,
     file_sha256,
@@ -22,8 +23,7 @@ from sdlora.adapter_file import (
     save_adapter,
     tensor_hashes,
 )
-from sdlora.errors import SdloraError
-from sdlora.metadata import training_metadata
+from sdlora.formats.metadata import training_metadata
 
 LINEAR = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
 CONV = "lora_unet_down_blocks_0_attentions_0_proj_in"
@@ -196,7 +196,7 @@ def test_save_adapter_failure_does_not_replace_existing_file(tmp_path: Path, mon
             tmp.write_bytes(data[: len(data) // 2])
             raise OSError("disk full")
 
-    monkeypatch.setattr("sdlora.adapter_file.atomic_write_bytes", failing_write)
+    monkeypatch.setattr("sdlora.formats.kohya.atomic_write_bytes", failing_write)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(path, _modules(seed=5), {})
     assert path.read_bytes() == before

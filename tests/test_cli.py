@@ -32,7 +32,7 @@ def cli_env(tmp_path_factory) -> dict[str, str]:
 
 def sdlora(env: dict[str, str], *args: str, extra_env: dict[str, str] | None = None, cwd: Path | None = None):
     return subprocess.run(
-        [sys.executable, "-m", "sdlora.cli", *map(str, args)],
+        [sys.executable, "-m", "sdlora.cli.main", *map(str, args)],
         env={**env, **(extra_env or {})}, cwd=cwd, capture_output=True, text=True, timeout=300,
     )
 
@@ -107,7 +107,7 @@ def test_no_subcommand_is_a_usage_error(cli_env):
 def _write_sdxl_lora(path: Path) -> None:
     import torch
 
-    from sdlora.adapter_file import ModuleWeights, save_adapter
+    from sdlora.formats.kohya import ModuleWeights, save_adapter
 
     modules = {
         "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": ModuleWeights(torch.ones(4, 640), torch.ones(640, 4), 4.0),

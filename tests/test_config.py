@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sdlora.cli import build_parser
-from sdlora.config import FIELD_NAMES, TrainConfig, load_toml, make_config, validate
+from sdlora.cli.main import build_parser
 from sdlora.errors import SdloraError
+from sdlora.training.config import FIELD_NAMES, TrainConfig, load_toml, make_config, validate
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.toml"))
@@ -37,8 +37,8 @@ def test_defaults():
 
 
 def test_unset_options_take_the_base_recommendation_then_the_fallback(tmp_path):
-    from sdlora.config import apply_base_defaults
-    from sdlora.tiny_base import tiny_base_dir
+    from sdlora.models.tiny import tiny_base_dir
+    from sdlora.training.config import apply_base_defaults
 
     plain = apply_base_defaults(make_config(None, images="i"), tmp_path)  # a base without recommendations
     assert (plain.unet_lr, plain.targets, plain.steps, plain.noise_offset) == (1e-4, "cross-attn", 500, 0.0)

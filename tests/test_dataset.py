@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora.dataset import (
+from sdlora.data.folder import (
     ImageItem,
     assign_bucket,
     dataset_dirs,

@@ -10,12 +10,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from sdlora.adapter_file import ModuleWeights, file_sha256, load_adapter, save_adapter, tensor_hashes
-from sdlora.base import load_base
-from sdlora.cli import main
-from sdlora.convert import module_path
-from sdlora.mixer import LoraMixer
-from sdlora.targets import kohya_module_name
+from sdlora.cli.main import main
+from sdlora.formats.kohya import ModuleWeights, file_sha256, load_adapter, save_adapter, tensor_hashes
+from sdlora.lora.mixer import LoraMixer
+from sdlora.lora.targets import kohya_module_name
+from sdlora.models.base import load_base
+from sdlora.tools.convert import module_path
 
 
 def _split(path: Path) -> tuple[bytes, bytes]:
@@ -124,7 +124,7 @@ def test_meta_failure_leaves_the_file_untouched(trained_lora, tmp_path, monkeypa
     def boom(*_a, **_k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("sdlora.file_meta.shutil.copyfileobj", boom)
+    monkeypatch.setattr("sdlora.formats.header.shutil.copyfileobj", boom)
     with pytest.raises(OSError, match="disk full"):
         main(["meta", str(path), "--set", "title=x"])
     assert path.read_bytes() == original and [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]

@@ -9,10 +9,10 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from sdlora.adapter_file import load_adapter
-from sdlora.base import load_base
 from sdlora.errors import SdloraError
-from sdlora.mixer import LoraMixer
+from sdlora.formats.kohya import load_adapter
+from sdlora.lora.mixer import LoraMixer
+from sdlora.models.base import load_base
 
 LIN = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # Linear (cross-attention key)
 LIN_PATH = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
@@ -242,7 +242,7 @@ def test_delta_that_does_not_fit_is_reported(base, dims, tmp_path):
 
 
 def test_generate_cli_with_a_loha(dims, tmp_path):
-    from sdlora.cli import main
+    from sdlora.cli.main import main
 
     out, inp, _ = dims
     g = _g(10)

@@ -10,14 +10,14 @@ import math
 import pytest
 import torch
 
-from sdlora.adapter_file import ModuleWeights, load_adapter, save_adapter
-from sdlora.base import load_base
-from sdlora.cli import main
+from sdlora.cli.main import main
 from sdlora.errors import SdloraError
-from sdlora.merge import bake_into_base, merge_loras
-from sdlora.mixer import LoraMixer, LoraSpec
-from sdlora.resize import resize_file
-from sdlora.targets import all_lora_layers
+from sdlora.formats.kohya import ModuleWeights, load_adapter, save_adapter
+from sdlora.lora.mixer import LoraMixer, LoraSpec
+from sdlora.lora.targets import all_lora_layers
+from sdlora.models.base import load_base
+from sdlora.tools.merge import bake_into_base, merge_loras
+from sdlora.tools.resize import resize_file
 
 from .conftest import quick_config
 
@@ -84,7 +84,7 @@ def expected_sum(specs):
 
 @pytest.fixture(scope="module")
 def locon(tmp_path_factory):
-    from sdlora.train import train
+    from sdlora.training.loop import train
 
     from .conftest import SKETCH
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from sdlora.adapter_file import ModuleWeights, load_adapter, save_adapter
-from sdlora.base import load_base
-from sdlora.generate import extract_prompt_loras, generate_images
-from sdlora.mixer import LoraMixer, parse_lora_spec
+from sdlora.formats.kohya import ModuleWeights, load_adapter, save_adapter
+from sdlora.lora.mixer import LoraMixer, parse_lora_spec
+from sdlora.models.base import load_base
+from sdlora.sample.generate import extract_prompt_loras, generate_images
 
 PROMPT = "a small red circle on a grey background"
 
@@ -172,7 +172,7 @@ def test_strength_change_updates_inference_weights_in_place_and_structure_change
     """What a captured CUDA graph of the UNet relies on (sdlora/unet_graph.py), checked on the CPU."""
     from torch import nn
 
-    from sdlora.lora_layer import LoraAdapter, LoraHost, structure_version
+    from sdlora.lora.layer import LoraAdapter, LoraHost, structure_version
 
     torch.manual_seed(0)
     lin = nn.Linear(16, 8)
@@ -211,7 +211,7 @@ def test_strength_change_updates_inference_weights_in_place_and_structure_change
 
 def test_unet_graph_wrapper_is_transparent_where_it_cannot_replay(base):
     """On the CPU (and for anything it cannot capture) the sampling wrapper calls the UNet's own forward."""
-    from sdlora.unet_graph import UNetGraphs, graphed_unet
+    from sdlora.sample.unet_graph import UNetGraphs, graphed_unet
 
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     ctx = torch.randn(2, 77, base.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(4))

@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdlora.base import load_base
 from sdlora.errors import SdloraError
-from sdlora.single_file import (
+from sdlora.models.base import load_base
+from sdlora.models.single_file import (
     TE_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
@@ -169,7 +169,7 @@ def no_network(monkeypatch):
 
 
 def test_train_and_generate_on_single_file(tiny_file, style_dir, tmp_path, no_network, capsys):
-    from sdlora.cli import main
+    from sdlora.cli.main import main
 
     for extra in sorted(style_dir.glob("*.png"))[2:]:  # two images are enough to show it runs
         extra.unlink()
@@ -240,7 +240,7 @@ def test_weights_only_ckpt_loads_from_shapes_alone(tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdlora.tiny_base import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG
+    from sdlora.models.tiny import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**{**UNET_CONFIG, "block_out_channels": [32] * 4, "norm_num_groups": 32, "sample_size": 64})
@@ -294,8 +294,8 @@ def test_other_suffixes_are_refused(tmp_path):
 
 
 def test_save_refuses_unfused_lora_and_non_safetensors(tiny, tmp_path):
-    from sdlora.adapter_file import load_adapter
-    from sdlora.mixer import LoraMixer
+    from sdlora.formats.kohya import load_adapter
+    from sdlora.lora.mixer import LoraMixer
 
     with pytest.raises(SdloraError, match="safetensors only"):
         save_single_file(tiny, tmp_path / "x.ckpt")

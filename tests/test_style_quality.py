@@ -8,13 +8,13 @@ Slow (two default training runs plus ~200 generated images; minutes on a CPU) bu
 import numpy as np
 import pytest
 
-from sdlora.base import load_base
-from sdlora.checker import judge, load_checker
-from sdlora.cli import main
-from sdlora.evaluate import builtin_prompts, run_eval
-from sdlora.generate import generate_images
-from sdlora.mixer import LoraSpec
-from sdlora.world import STYLES, caption, eval_scenes
+from sdlora.cli.main import main
+from sdlora.eval.checker import judge, load_checker
+from sdlora.eval.evaluate import builtin_prompts, run_eval
+from sdlora.eval.world import STYLES, caption, eval_scenes
+from sdlora.lora.mixer import LoraSpec
+from sdlora.models.base import load_base
+from sdlora.sample.generate import generate_images
 
 from .conftest import REPO
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sdlora.errors import SdloraError
-from sdlora.targets import text_encoder_targets, unet_targets
+from sdlora.lora.targets import text_encoder_targets, unet_targets
 
 SD15_UNET = dict(
     sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
@@ -40,7 +40,7 @@ def test_sd15_counts_match_kohya(sd15):
 
 def test_sd15_conv_counts(sd15):
     """LoCon on SD1.5: 22 ResnetBlock2D x (conv1, conv2, time_emb_proj) + 14 conv_shortcut + 3 down- + 3 upsamplers."""
-    from sdlora.targets import uses_conv_rank
+    from sdlora.lora.targets import uses_conv_rank
 
     unet = sd15[0]
     conv = unet_targets(unet, "conv")

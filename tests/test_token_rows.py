@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from sdlora.base import load_base
-from sdlora.token_rows import TokenRows, base_token_rows
+from sdlora.models.base import load_base
+from sdlora.training.token_rows import TokenRows, base_token_rows
 
 
 def test_trimmed_table_encodes_the_runs_prompts_exactly_and_is_put_back():

@@ -8,9 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdlora.base import load_base
 from sdlora.errors import SdloraError
-from sdlora.train import resume_config, train
+from sdlora.models.base import load_base
+from sdlora.training.loop import resume_config, train
 
 from .conftest import quick_config
 
@@ -80,7 +80,7 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, style_dir):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, style_dir, monkeypatch):
-    import sdlora.train_step as tr
+    import sdlora.training.step as tr
 
     real = tr.F.mse_loss
     calls = {"n": 0}
@@ -127,10 +127,10 @@ def test_validation_loss_is_logged_and_the_best_adapter_kept(tmp_path, style_dir
 
 def test_validation_numbers_are_reproducible(tmp_path, style_dir):
     """Fixed timesteps and noise: the step-0 adapter (zero up weights) gives the same value every time."""
-    from sdlora.base import load_base as lb
-    from sdlora.dataset import scan_images
-    from sdlora.latents import encode_images
-    from sdlora.validation import make_cases, validation_loss
+    from sdlora.data.folder import scan_images
+    from sdlora.data.latents import encode_images
+    from sdlora.models.base import load_base as lb
+    from sdlora.training.validation import make_cases, validation_loss
 
     base = lb("tiny")
     ex = encode_images(scan_images(style_dir)[:2], base.vae, 128, True, True, False, 0, None, False)

@@ -2,7 +2,7 @@
 
 import torch
 
-from sdlora.train import compile_pays, use_cuda_graph
+from sdlora.training.loop import compile_pays, use_cuda_graph
 
 from .conftest import quick_config
 
@@ -30,7 +30,7 @@ def test_forced_gpu_attention_kernel_is_a_clear_error_on_the_cpu(tmp_path, style
     import pytest
 
     from sdlora.errors import SdloraError
-    from sdlora.train import train
+    from sdlora.training.loop import train
 
     with pytest.raises(SdloraError, match="--sdpa-backend flash needs a CUDA GPU"):
         train(quick_config(style_dir, tmp_path / "o", steps=1, sdpa_backend="flash"))

@@ -1,0 +1,73 @@
+"""An automatic judge for images of the procedural world (sdlora/world.py).
+
+A small CNN, trained on renders that went through the tiny base's VAE (so it sees the same
+blur a generated image has), reads the main object's colour and shape and, with independent
+sigmoid outputs, whether each style shows. It learns colour and shape in every style, and learns
+two-style images from composites where both styles are really drawn (world.ink_mix/split_mix),
+since two mixed style LoRAs draw both looks at once rather than a faded average of two pictures.
+Shipped in the package; `scripts/build_tiny_base.py` trains it. No such judge exists for real bases, where `sdlora eval` reports pixel statistics only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from sdlora.eval.world import COLOURS, SHAPES, STYLES
+
+CHECKER_PATH = Path(__file__).parents[1] / "assets" / "checker.safetensors"
+COLOUR_NAMES = sorted(COLOURS)
+SHAPE_NAMES = list(SHAPES)
+STYLE_NAMES = list(STYLES)
+INPUT = 64
+
+
+class Checker(nn.Module):
+    def __init__(self, width: int = 48):
+        super().__init__()
+        layers, c_in = [], 3
+        for c_out in (width, width * 2, width * 2, width * 4):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(8, c_out), nn.SiLU(),
+                       nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU()]
+            c_in = c_out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.colour = nn.Linear(c_in, len(COLOUR_NAMES))
+        self.shape = nn.Linear(c_in, len(SHAPE_NAMES))
+        self.style = nn.Linear(c_in, len(STYLE_NAMES))  # independent logits: a mix can show two styles
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.features(x)
+        return self.colour(h), self.shape(h), self.style(h)
+
+
+def to_input(images: list[Image.Image]) -> torch.Tensor:
+    arr = np.stack([np.asarray(im.convert("RGB").resize((INPUT, INPUT), Image.Resampling.BILINEAR)) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def load_checker(path: Path = CHECKER_PATH) -> Checker:
+    from safetensors.torch import load_file
+
+    from sdlora.errors import SdloraError
+
+    if not path.exists():
+        raise SdloraError(f"the world checker is missing ({path}); build it with scripts/build_tiny_base.py")
+    model = Checker()
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+@torch.no_grad()
+def judge(model: Checker, images: list[Image.Image]) -> dict[str, np.ndarray]:
+    """Per image: predicted colour/shape names and the probability that each style shows."""
+    colours, shapes, styles = [], [], []
+    for i in range(0, len(images), 64):
+        c, s, st = model(to_input(images[i : i + 64]))
+        colours += [COLOUR_NAMES[j] for j in c.argmax(1).tolist()]
+        shapes += [SHAPE_NAMES[j] for j in s.argmax(1).tolist()]
+        styles.append(torch.sigmoid(st).numpy())
+    return {"colour": np.array(colours), "shape": np.array(shapes), "style": np.concatenate(styles)}

@@ -1,0 +1,187 @@
+"""Attach several LoRA files to a loaded base at chosen strengths, without reloading it."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdlora.errors import SdloraError
+from sdlora.formats.deltas import DeltaWeights
+from sdlora.formats.kohya import AdapterFile, load_adapter
+from sdlora.lora.layer import DeltaAdapter, LoraAdapter, LoraHost
+from sdlora.lora.targets import all_lora_layers, ensure_host
+from sdlora.models.base import BaseModel
+
+
+@dataclass
+class LoraSpec:
+    path: str
+    strength: float = 1.0
+    te_strength: float | None = None  # None: same as strength
+
+
+def parse_lora_spec(text: str) -> LoraSpec:
+    """`FILE[:STRENGTH[:TE_STRENGTH]]`; numbers are peeled off the right so `C:\\x.safetensors` works."""
+    parts = text.split(":")
+    nums: list[float] = []
+    while len(parts) > 1 and len(nums) < 2:
+        try:
+            nums.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    path = ":".join(parts)
+    if not path:
+        raise SdloraError(f"--lora '{text}': expected FILE[:STRENGTH[:TE_STRENGTH]]")
+    return LoraSpec(path, nums[0] if nums else 1.0, nums[1] if len(nums) > 1 else None)
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+class LoraMixer:
+    """Owns the LoRA hosts of one base; each loaded file is one named adapter on every layer it touches."""
+
+    def __init__(self, base: BaseModel, warn: Callable[[str], None] = _warn):
+        self.base = base
+        self.warn = warn
+        self.loaded: dict[str, list[LoraHost]] = {}
+        self._te_hosts: set[int] = set()
+
+    def _layers(self) -> dict[str, tuple[torch.nn.Module, str, torch.nn.Module, bool]]:
+        layers = {}
+        for name, (path, mod) in all_lora_layers(self.base.unet, "lora_unet", te=False).items():
+            layers[name] = (self.base.unet, path, mod, False)
+        for prefix, key in self.base.family.te_prefixes.items():
+            te = self.base.text_encoders[key]
+            for name, (path, mod) in all_lora_layers(te, prefix, te=True).items():
+                layers[name] = (te, path, mod, True)
+        return layers
+
+    def load(self, path: str | Path, strength: float = 1.0, te_strength: float | None = None, name: str | None = None) -> str:
+        return self.add(load_adapter(path), strength, te_strength, name)
+
+    def add(self, adapter: AdapterFile, strength: float = 1.0, te_strength: float | None = None, name: str | None = None) -> str:
+        label = str(adapter.path) if adapter.path else "adapter"
+        name = _safe_name(name or (Path(adapter.path).stem if adapter.path else f"lora{len(self.loaded)}"))
+        base_name = name
+        i = 1
+        while name in self.loaded:
+            i += 1
+            name = f"{base_name}_{i}"
+        layers = self._layers()
+        fits, misfits = [], []
+        for key, w in [*adapter.modules.items(), *adapter.deltas.items()]:
+            hit = layers.get(key)
+            if hit is None or not _fits(hit[2], w):
+                misfits.append(key)
+            else:
+                fits.append((key, hit, w))
+        total = len(adapter.modules) + len(adapter.deltas)
+        if not fits:
+            raise SdloraError(
+                f"{label} does not fit this base ({self.base.family.version}): 0 of {total} modules match"
+                f"{_arch_hint(misfits)}; unmatched e.g. {', '.join(misfits[:3])}"
+            )
+        if misfits:
+            shown = ", ".join(misfits[:10]) + (f" and {len(misfits) - 10} more" if len(misfits) > 10 else "")
+            self.warn(f"{label}: {len(misfits)} of {total} modules do not fit this base and are ignored: {shown}")
+        hosts = []
+        te_s = strength if te_strength is None else te_strength
+        for key, (model, path, _, is_te), w in fits:
+            host = ensure_host(model, path, key)
+            if isinstance(w, DeltaWeights):
+                layer = DeltaAdapter(host.base, w.delta)  # computed on first use, from the unfused base weight
+            else:
+                layer = LoraAdapter(host.base, w.rank, w.alpha)
+                with torch.no_grad():
+                    layer.down.weight.copy_(w.down.reshape(layer.down.weight.shape))
+                    layer.up.weight.copy_(w.up.reshape(layer.up.weight.shape))
+            layer.requires_grad_(False)
+            host.add(name, layer, te_s if is_te else strength)
+            if is_te:
+                self._te_hosts.add(id(host))
+            hosts.append(host)
+        self.loaded[name] = hosts
+        return name
+
+    def set_strength(self, name: str, strength: float, te_strength: float | None = None) -> None:
+        te_s = strength if te_strength is None else te_strength
+        for host in self._hosts(name):
+            if host.fused:
+                raise SdloraError("unfuse before changing strengths")
+            host.set_strength(name, te_s if id(host) in self._te_hosts else strength)
+
+    def remove(self, name: str) -> None:
+        for host in self._hosts(name):
+            host.remove(name)
+        del self.loaded[name]
+
+    def _hosts(self, name: str) -> list[LoraHost]:
+        if name not in self.loaded:
+            raise SdloraError(f"no LoRA named '{name}' is loaded (loaded: {', '.join(self.loaded) or 'none'})")
+        return self.loaded[name]
+
+    def _all_hosts(self) -> list[LoraHost]:
+        seen, out = set(), []
+        for hosts in self.loaded.values():
+            for h in hosts:
+                if id(h) not in seen:
+                    seen.add(id(h))
+                    out.append(h)
+        return out
+
+    def fuse(self) -> None:
+        for h in self._all_hosts():
+            h.fuse()
+
+    def unfuse(self) -> None:
+        for h in self._all_hosts():
+            h.unfuse()
+
+    @contextmanager
+    def fused(self) -> Iterator[None]:
+        self.fuse()
+        try:
+            yield
+        finally:
+            self.unfuse()
+
+
+def _safe_name(name: str) -> str:
+    """Adapter names are ModuleDict keys: no dots, no clash with nn.Module attributes."""
+    name = re.sub(r"[^0-9A-Za-z_]", "_", name)
+    return name if name and not hasattr(torch.nn.ModuleDict(), name) else f"lora_{name}"
+
+
+def _fits(layer: torch.nn.Module, w: object) -> bool:
+    """Whether a LoRA pair or a weight delta matches the layer's kind and shape."""
+    base = layer.base if isinstance(layer, LoraHost) else layer
+    if isinstance(w, DeltaWeights):
+        return isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)) and w.fits(base.weight.shape)
+    return _shape_fits(base, w.down, w.up)
+
+
+def _shape_fits(base: torch.nn.Module, down: torch.Tensor, up: torch.Tensor) -> bool:
+    if isinstance(base, torch.nn.Linear):
+        return down.dim() == 2 and down.shape[1] == base.in_features and up.shape[0] == base.out_features
+    if isinstance(base, torch.nn.Conv2d):
+        kernel_ok = (down.dim() == 2 and base.kernel_size == (1, 1)) or (
+            down.dim() == 4 and tuple(down.shape[2:]) == base.kernel_size
+        )
+        return kernel_ok and down.shape[1] == base.in_channels and up.shape[0] == base.out_channels
+    return False
+
+
+def _arch_hint(keys: list[str]) -> str:
+    joined = " ".join(keys)
+    if re.search(r"lora_te[12]_|input_blocks_|output_blocks_|middle_block_", joined):
+        return " (the keys look like an SDXL LoRA)"
+    return ""
