@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 import json
 import platform
@@ -161,47 +160,38 @@ def sdlora_case(base, folder: Path, work: Path, overrides: dict, batch: int, lat
     undoes the case's changes to the shared model afterwards (its graphs and optimizer go with the caller's frame)."""
     from accelerate import Accelerator
 
+    from sdlora.lora.inject import inject_lora, trainable_parameters
+    from sdlora.training.conditioning import Conditioning
     from sdlora.training.config import apply_base_defaults, make_config
-    from sdlora.training.loop import build_train_step, inject_lora, make_optimizer, pick_precisions, use_cuda_graph
+    from sdlora.training.setup import build_train_step, make_optimizer, pick_precisions, use_cuda_graph
     from sdlora.training.step import MicroBatch
-    from sdlora.training.token_rows import base_token_rows
 
     cfg = apply_base_defaults(make_config(None, base=str(folder), images=str(work), rank=4, batch_size=batch,
                                           device=device.type, **overrides), base.path)
     mp, _ = pick_precisions(cfg, device)
     accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
-    unet_hosts, te_hosts = inject_lora(base, cfg)  # a fresh adapter each case
-    unet_params = [p for h in unet_hosts for p in h.adapters["trainee"].parameters()]
-    te_params = [p for h in te_hosts for p in h.adapters["trainee"].parameters()]
+    # a fresh adapter each case
+    unet_hosts, te_hosts = inject_lora(base.unet, base.text_encoders, base.family.te_prefixes, cfg.network(), cfg.seed)
+    unet_params, te_params = trainable_parameters(unet_hosts), trainable_parameters(te_hosts)
     opt = accelerator.prepare(make_optimizer(cfg, unet_params, te_params, device, use_cuda_graph(cfg, device, mp)))
     g = torch.Generator(device).manual_seed(0)
     latents = torch.randn(batch, 4, latent, latent, device=device, generator=g)
     noise = torch.randn(batch, 4, latent, latent, device=device, generator=g)
     t = torch.randint(0, 1000, (batch,), device=device, generator=g)
     captions = [f"sks sketch, a small red circle number {i}" for i in range(batch)]
-    te = base.text_encoders["text_encoder"]
-    if cfg.text_encoder:
-        cond = {k: v.to(device) for k, v in base.family.tokenize(base, captions).items()}
-        encode = functools.partial(base.family.encode_prompt, base)
-        rows = base_token_rows(base, cond)  # as `sdlora train`: only the captions' token rows on the device
-    else:  # frozen text encoder: embeddings cached, the encoder leaves the GPU (as `sdlora train` does)
-        with torch.no_grad():
-            cond = base.family.encode_prompt(base, base.family.tokenize(base, captions))
-        te.to("cpu")
-
-        def encode(c):
-            return c
-
-        rows = contextlib.nullcontext()
-    with rows:
-        step = build_train_step(base, cfg, unet_params + te_params, opt, accelerator, mp, encode, total_steps, print)
-        try:
-            yield step, MicroBatch(latents, noise, t, cond), cfg, len(unet_hosts) + len(te_hosts)
-        finally:
+    # as `sdlora train`: a trainable text encoder keeps only the captions' token rows on the device; a frozen
+    # one is run once, its embeddings cached, and it leaves the GPU
+    cond = Conditioning(base, sorted(set(captions)), [], cfg.text_encoder, device)
+    try:
+        step = build_train_step(base, cfg, unet_params + te_params, opt, accelerator, mp, cond.encode, total_steps, print)
+        yield step, MicroBatch(latents, noise, t, cond.inputs(captions)), cfg, len(unet_hosts) + len(te_hosts)
+    finally:
+        cond.close()
+        for te in base.text_encoders.values():
             te.to(device)
-            base.unet.disable_gradient_checkpointing()
             te.gradient_checkpointing_disable()
-            base.unet.to(memory_format=torch.contiguous_format)
+        base.unet.disable_gradient_checkpointing()
+        base.unet.to(memory_format=torch.contiguous_format)
 
 
 def bench_sdlora(base, folder: Path, work: Path, name: str, overrides: dict, batch: int, latent: int,
@@ -261,7 +251,7 @@ def profiling_setup(args: argparse.Namespace, prefix: str):
 
 def bench_cli(folder: Path, work: Path, steps: int, resolution: int, device: torch.device, extra: list[str]) -> dict:
     """The whole `sdlora train` command: data, caching, loop, logging, saving."""
-    from sdlora.eval.world import write_dataset
+    from sdlora.eval.datasets import write_dataset
 
     images = work / "cli-images"
     if not images.exists():

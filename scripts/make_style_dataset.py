@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sdlora.eval.datasets import main, write_dataset  # noqa: E402,F401
 from sdlora.eval.world import *  # noqa: E402,F403 - re-exported for scripts that load this file
-from sdlora.eval.world import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -1,12 +1,48 @@
-"""Atomic file replacement: a crash or error mid-write never leaves a truncated adapter where a good one was."""
+"""Small things every room shares: atomic file replacement, the one dtype table, warn/info, device defaults.
+
+Atomic replacement means a crash or error mid-write never leaves a truncated adapter where a good one was.
+torch is imported lazily so the CLI's --help stays fast.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+SAFETENSORS_DTYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}  # a safetensors header's names -> ours
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """fp32 / fp16 / bf16 (or safetensors' F32 / F16 / BF16) as a torch dtype."""
+    import torch
+
+    name = SAFETENSORS_DTYPES.get(name, name)
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def warn(msg: str) -> None:
+    """A warning on stderr, kept apart from what commands print on stdout."""
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def info(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def default_device(asked: str | None = None) -> str:
+    """The device a command runs on: what was asked for, else the GPU when there is one."""
+    import torch
+
+    return asked or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _fsync_dir(directory: Path) -> None:

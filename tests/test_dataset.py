@@ -11,19 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora.data.folder import (
-    ImageItem,
-    assign_bucket,
-    dataset_dirs,
-    load_rgb,
-    make_buckets,
-    prepare_image,
-    scan_images,
-    tag_frequency,
-)
+from sdlora.data.buckets import assign_bucket, make_buckets, prepare_image
+from sdlora.data.folder import ImageItem, dataset_dirs, load_rgb, scan_images, tag_frequency
 from sdlora.errors import SdloraError
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def prepare_pixels(*args, **kwargs) -> torch.Tensor:
+    return prepare_image(*args, **kwargs).pixels
 
 
 def _png(path: Path, colour=(200, 30, 30), size=(16, 12)) -> Path:
@@ -242,7 +238,7 @@ def test_user_folder_is_left_unchanged(tmp_path):
 
     items, _ = _scan(root, trigger="t")
     for item in items:
-        prepare_image(load_rgb(item.path), (64, 64), center_crop=False, rng=random.Random(0))
+        prepare_pixels(load_rgb(item.path), (64, 64), center_crop=False, rng=random.Random(0))
 
     assert _snapshot(root) == before
 
@@ -375,25 +371,25 @@ def _gradient(width: int, height: int) -> Image.Image:
 
 
 def test_prepare_image_shape_range_and_values():
-    white = prepare_image(Image.new("RGB", (50, 30), "white"), (64, 128), True, random.Random(0))
+    white = prepare_pixels(Image.new("RGB", (50, 30), "white"), (64, 128), True, random.Random(0))
     assert white.shape == (3, 128, 64) and white.dtype == torch.float32
     assert torch.allclose(white, torch.ones_like(white))
-    black = prepare_image(Image.new("RGB", (300, 100), "black"), (128, 64), False, random.Random(0))
+    black = prepare_pixels(Image.new("RGB", (300, 100), "black"), (128, 64), False, random.Random(0))
     assert black.shape == (3, 64, 128) and torch.all(black == -1)
 
     noisy = Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 170, 3), dtype=np.uint8))
-    out = prepare_image(noisy, (128, 64), False, random.Random(3))
+    out = prepare_pixels(noisy, (128, 64), False, random.Random(3))
     assert out.shape == (3, 64, 128) and out.min() >= -1 and out.max() <= 1
 
 
 def test_prepare_image_covers_then_crops_centre_or_random():
     img = _gradient(240, 80)  # 3:1 into a square bucket: no resize, only a horizontal crop
-    centre = prepare_image(img, (80, 80), center_crop=True, rng=random.Random(0))
+    centre = prepare_pixels(img, (80, 80), center_crop=True, rng=random.Random(0))
     assert round((centre[0, 0, 0].item() + 1) * 127.5) == 80  # left edge at (240 - 80) / 2
 
     lefts = set()
     for seed in range(10):
-        out = prepare_image(img, (80, 80), center_crop=False, rng=random.Random(seed))
+        out = prepare_pixels(img, (80, 80), center_crop=False, rng=random.Random(seed))
         left = round((out[0, 0, 0].item() + 1) * 127.5)
         assert left == random.Random(seed).randint(0, 160)
         assert round((out[0, 0, 79].item() + 1) * 127.5) == left + 79  # still 1:1, no resize
@@ -403,15 +399,15 @@ def test_prepare_image_covers_then_crops_centre_or_random():
     # 1:3 portrait into 128x128: scaled up to 128x384 (covers, minimal crop), then cropped vertically
     tall = Image.new("RGB", (100, 300), "white")
     tall.paste((0, 0, 0), (0, 0, 100, 100))  # black top third
-    out = prepare_image(tall, (128, 128), center_crop=True, rng=random.Random(0))
+    out = prepare_pixels(tall, (128, 128), center_crop=True, rng=random.Random(0))
     assert out.shape == (3, 128, 128)
     assert out[:, 8:].min() > 0.95  # the centre third is white (a few rows of resampling ringing at the top)
-    tops = [prepare_image(tall, (128, 128), False, random.Random(seed))[0, 0, 64].item() for seed in range(10)]
+    tops = [prepare_pixels(tall, (128, 128), False, random.Random(seed))[0, 0, 64].item() for seed in range(10)]
     assert min(tops) < -0.9 and max(tops) > 0.95  # random crops reach into the black band, and away from it
 
 
 def test_prepare_image_accepts_rgba():
-    out = prepare_image(Image.new("RGBA", (64, 64), (0, 0, 0, 0)), (64, 64), True, random.Random(0))
+    out = prepare_pixels(Image.new("RGBA", (64, 64), (0, 0, 0, 0)), (64, 64), True, random.Random(0))
     assert torch.allclose(out, torch.ones_like(out))
 
 
@@ -465,3 +461,13 @@ def test_style_generator_is_deterministic_and_scannable(tmp_path):
     assert len(items) == 3 and warnings == []
     assert all(i.caption.startswith("sks halftone, a ") for i in items)
     assert (tmp_path / "ds" / "README.md").read_text(encoding="utf-8").count("sks halftone") >= 1
+
+
+def test_prepare_image_keeps_original_size_and_crop_offset():
+    """SDXL's time ids need the file's size and where the crop sat; the mirrored crop is measured from the right."""
+    img = Image.new("RGB", (300, 100), "white")  # resized to 384x128 to cover a 128x128 bucket
+    out = prepare_image(img, (128, 128), center_crop=True, rng=random.Random(0))
+    assert out.original_hw == (100, 300)
+    assert out.crop_tl == (0, 128) and out.crop_tl_flipped == (0, 384 - 128 - 128)
+    lefts = {prepare_image(img, (128, 128), False, random.Random(s)).crop_tl[1] for s in range(20)}
+    assert len(lefts) > 1 and all(0 <= x <= 256 for x in lefts)

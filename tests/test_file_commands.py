@@ -12,8 +12,8 @@ import torch
 
 from sdlora.cli.main import main
 from sdlora.formats.kohya import ModuleWeights, file_sha256, load_adapter, save_adapter, tensor_hashes
+from sdlora.formats.names import kohya_name as kohya_module_name
 from sdlora.lora.mixer import LoraMixer
-from sdlora.lora.targets import kohya_module_name
 from sdlora.models.base import load_base
 from sdlora.tools.convert import module_path
 

@@ -13,7 +13,8 @@ import torch
 from sdlora.cli.main import main
 from sdlora.errors import SdloraError
 from sdlora.formats.kohya import ModuleWeights, load_adapter, save_adapter
-from sdlora.lora.mixer import LoraMixer, LoraSpec
+from sdlora.lora.mixer import LoraMixer
+from sdlora.lora.specs import LoraSpec
 from sdlora.lora.targets import all_lora_layers
 from sdlora.models.base import load_base
 from sdlora.tools.merge import bake_into_base, merge_loras

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from sdlora.formats.kohya import ModuleWeights, load_adapter, save_adapter
-from sdlora.lora.mixer import LoraMixer, parse_lora_spec
+from sdlora.lora.mixer import LoraMixer
+from sdlora.lora.specs import extract_prompt_loras, parse_lora_spec
 from sdlora.models.base import load_base
-from sdlora.sample.generate import extract_prompt_loras, generate_images
+from sdlora.sample.generate import generate_images
 
 PROMPT = "a small red circle on a grey background"
 

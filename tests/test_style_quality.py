@@ -12,7 +12,7 @@ from sdlora.cli.main import main
 from sdlora.eval.checker import judge, load_checker
 from sdlora.eval.evaluate import builtin_prompts, run_eval
 from sdlora.eval.world import STYLES, caption, eval_scenes
-from sdlora.lora.mixer import LoraSpec
+from sdlora.lora.specs import LoraSpec
 from sdlora.models.base import load_base
 from sdlora.sample.generate import generate_images
 

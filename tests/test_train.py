@@ -138,6 +138,6 @@ def test_validation_numbers_are_reproducible(tmp_path, style_dir):
     from contextlib import nullcontext
 
     ids = {c: base.family.encode_prompt(base, base.family.tokenize(base, [c])) for c in {x.caption for x in cases}}
-    a = validation_loss(cases, base.unet, base.noise_scheduler, lambda caps: ids[caps[0]], False, nullcontext)
-    b = validation_loss(cases, base.unet, base.noise_scheduler, lambda caps: ids[caps[0]], False, nullcontext)
+    a = validation_loss(cases, base.unet, base.noise_scheduler, lambda caps, sizes: ids[caps[0]], False, nullcontext)
+    b = validation_loss(cases, base.unet, base.noise_scheduler, lambda caps, sizes: ids[caps[0]], False, nullcontext)
     assert a == b and math.isfinite(a) and len(cases) == 10

@@ -2,7 +2,7 @@
 
 import torch
 
-from sdlora.training.loop import compile_pays, use_cuda_graph
+from sdlora.training.setup import compile_pays, use_cuda_graph
 
 from .conftest import quick_config
 

@@ -28,14 +28,14 @@ def register(sub) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
     from tqdm.auto import tqdm
 
     from sdlora.errors import SdloraError
     from sdlora.eval.evaluate import builtin_prompts, file_prompts, grid_image, lora_styles, run_eval
     from sdlora.eval.world import STYLES
-    from sdlora.lora.mixer import parse_lora_spec
+    from sdlora.lora.specs import parse_lora_spec
     from sdlora.models.base import load_base
+    from sdlora.util import default_device
 
     try:
         strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
@@ -54,7 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompts = builtin_prompts(args.num_prompts, trigger)
     else:
         prompts = file_prompts(args.prompts)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     base = load_base(args.base, "fp16" if device.startswith("cuda") else "fp32", device)
     use_checker = args.base == "tiny"
     bar = tqdm(total=len(prompts) * len(strengths), desc="generating", unit="img")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from sdlora.errors import SdloraError
+from sdlora.util import DTYPE_NAMES
+from sdlora.util import info as _info
 
 EPILOG_MERGE = """examples:
   sdlora merge --base ./sd15 --lora a.safetensors:0.8 --lora b.safetensors:0.5 --output ./sd15-merged
@@ -19,11 +20,6 @@ EPILOG_RESIZE = """examples:
   sdlora resize lora.safetensors --energy 0.9 --output small.safetensors
 The new alpha keeps each module's alpha/rank scale (kohya's rule); the error is measured on the written file."""
 
-DTYPES = ["fp16", "bf16", "fp32"]
-
-
-def _info(msg: str) -> None:
-    print(msg, file=sys.stderr)
 
 
 def register(subparsers) -> None:
@@ -36,7 +32,7 @@ def register(subparsers) -> None:
     m.add_argument("--output", required=True, help="a folder (diffusers) or FILE.safetensors")
     m.add_argument("--rank", type=int, help="LoRA merge only: SVD of the summed update to this rank per module "
                                             "(default: exact, ranks concatenated)")
-    m.add_argument("--save-dtype", choices=DTYPES, default="fp16", help="dtype of the written weights (default: fp16)")
+    m.add_argument("--save-dtype", choices=DTYPE_NAMES, default="fp16", help="dtype of the written weights (default: fp16)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output")
     m.set_defaults(func=cmd_merge)
 
@@ -48,7 +44,7 @@ def register(subparsers) -> None:
     target.add_argument("--energy", type=float, help="per module, the smallest rank keeping this fraction of the "
                                                      "squared singular values, e.g. 0.9")
     r.add_argument("--output", help="output file (default: FILE-rR.safetensors or FILE-eE.safetensors beside FILE)")
-    r.add_argument("--save-dtype", choices=DTYPES, default="fp16", help="dtype of the written file (default: fp16)")
+    r.add_argument("--save-dtype", choices=DTYPE_NAMES, default="fp16", help="dtype of the written file (default: fp16)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing output")
     r.set_defaults(func=cmd_resize)
 
@@ -59,7 +55,7 @@ def _check_output(path: Path, overwrite: bool) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from sdlora.lora.mixer import parse_lora_spec
+    from sdlora.lora.specs import parse_lora_spec
     from sdlora.tools.merge import bake_into_base, merge_loras
 
     specs = [parse_lora_spec(s) for s in args.lora]

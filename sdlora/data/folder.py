@@ -5,21 +5,18 @@ The user's folder is only ever read: nothing here writes, moves or renames a fil
 
 from __future__ import annotations
 
-import math
 import os
-import random
 import re
-import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdlora.errors import SdloraError
+from sdlora.util import warn as _warn_stderr
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}  # matched case-insensitively
 
@@ -36,10 +33,6 @@ class ImageItem:
     caption: str  # trigger prepended ("xyz style, a red circle"), the trigger alone, or ""
     repeats: int  # from a kohya "N_name" folder on the way from the root; 1 otherwise
     dataset_dir: str  # top-level subfolder it came from (e.g. "10_mystyle"), or the root folder's name
-
-
-def _warn_stderr(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 # --- scanning -------------------------------------------------------------------------------------
@@ -189,10 +182,10 @@ def load_rgb(path: Path) -> Image.Image:
         img.seek(0)  # animated GIF/WebP: the first frame
         upright = ImageOps.exif_transpose(img)
         upright.load()
-        return _to_rgb(upright)
+        return to_rgb(upright)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to RGB; PIL's own convert() clips 16/32-bit grey to white, so scale those."""
     if img.mode == "RGB":
         return img
@@ -216,58 +209,6 @@ def _grey_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
         low, high = float(values.min()), float(values.max())
         scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-# --- aspect-ratio buckets -------------------------------------------------------------------------
-
-
-def make_buckets(
-    resolution: int, min_size: int = 64, max_size: int | None = None, step: int = 64
-) -> list[tuple[int, int]]:
-    """Kohya's bucket list: (width, height) pairs no larger in area than resolution**2, sides multiples of step.
-
-    Training at the image's own aspect ratio keeps subjects whole instead of cropping them to a square.
-    """
-    max_size = 2 * resolution if max_size is None else max_size
-    for name, value in (("resolution", resolution), ("min_size", min_size), ("max_size", max_size)):
-        if value <= 0 or value % step:
-            raise SdloraError(f"{name} must be a positive multiple of {step}, got {value}")
-    if min_size > max_size:
-        raise SdloraError(f"min_size ({min_size}) is larger than max_size ({max_size})")
-    area = resolution * resolution
-    buckets = {(resolution, resolution)}
-    for width in range(min_size, max_size + 1, step):
-        height = min(max_size, (area // width) // step * step)
-        if height >= min_size:
-            buckets.add((width, height))
-            buckets.add((height, width))
-    return sorted(buckets)
-
-
-def assign_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket closest in aspect ratio (log scale, so 2:1 and 1:2 are equally far from 1:1); ties -> larger."""
-    if not buckets:
-        raise SdloraError("no buckets to assign images to")
-    aspect = math.log(width / height)
-    return min(buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - aspect), 9), -b[0] * b[1]))
-
-
-def prepare_image(img: Image.Image, bucket: tuple[int, int], center_crop: bool, rng: random.Random) -> torch.Tensor:
-    """Resize to cover the bucket, crop to it, and return a float [3, height, width] tensor in [-1, 1]."""
-    bucket_w, bucket_h = bucket
-    img = _to_rgb(img)
-    scale = max(bucket_w / img.width, bucket_h / img.height)
-    new_w = max(bucket_w, round(img.width * scale))
-    new_h = max(bucket_h, round(img.height * scale))
-    if (new_w, new_h) != img.size:
-        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    if center_crop:
-        left, top = (new_w - bucket_w) // 2, (new_h - bucket_h) // 2
-    else:
-        left, top = rng.randint(0, new_w - bucket_w), rng.randint(0, new_h - bucket_h)
-    img = img.crop((left, top, left + bucket_w, top + bucket_h))
-    pixels = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
 # --- metadata (kohya ss_tag_frequency / ss_dataset_dirs) ------------------------------------------

@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 from sdlora.errors import SdloraError
 from sdlora.eval.world import COLOURS, SHAPES, STYLES, caption, eval_scenes
 from sdlora.formats.kohya import load_adapter
-from sdlora.lora.mixer import LoraMixer, LoraSpec
+from sdlora.lora.mixer import LoraMixer
+from sdlora.lora.specs import LoraSpec
 from sdlora.models.base import BaseModel
 from sdlora.sample.generate import generate_images
 

@@ -22,7 +22,16 @@ from dataclasses import dataclass
 import torch
 
 from sdlora.errors import SdloraError
-from sdlora.lora.layer import compose_lora
+
+
+def compose_lora(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """up @ down (unscaled) in the layer weight's layout: [out, in], or [out, in, k, k] for a conv (kxk down, 1x1 up)."""
+    if down.dim() == 2:
+        return up.flatten(1) @ down
+    if down.shape[2:] == (1, 1):
+        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], down.shape[1], 1, 1)
+    return torch.einsum("or,rikl->oikl", up.flatten(1), down)  # kxk down then 1x1 up: compose the kernels
+
 
 # What each family needs, as key suffixes (the kohya module name comes before them).
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")

@@ -19,6 +19,7 @@ import torch
 
 from sdlora.errors import SdloraError
 from sdlora.formats.deltas import DELTA_SUFFIXES, DeltaWeights, family_of
+from sdlora.formats.names import kohya_name
 from sdlora.util import atomic_write_bytes
 
 KOHYA_PREFIXES = ("lora_unet", "lora_te", "lora_te1", "lora_te2")
@@ -83,11 +84,6 @@ class AdapterFile:
     metadata: dict[str, str]
     path: Path | None = None
     deltas: dict[str, DeltaWeights] = field(default_factory=dict)
-
-
-def kohya_name(prefix: str, module_path: str) -> str:
-    """kohya's module name: prefix + the module path with every '.' turned into '_'."""
-    return f"{prefix.rstrip('_')}_{module_path.replace('.', '_')}"
 
 
 def file_sha256(path: str | Path) -> str:

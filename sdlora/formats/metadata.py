@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 from sdlora import __version__
 from sdlora.errors import SdloraError
+from sdlora.formats.kohya import ModuleWeights
 
 # base_model_version -> (modelspec architecture for epsilon, for v-prediction, implementation)
 _DIFFUSERS = "diffusers"
@@ -155,3 +156,47 @@ def training_metadata(
     metadata.update({key: str(value) for key, value in spec.items() if value is not None})
     metadata["sdlora_version"] = __version__
     return metadata
+
+
+# ---------------------------------------------------------------- dims, read from the modules written
+
+
+def dim_label(values: list[float]) -> str:
+    """kohya writes per-module ranks/alphas that differ as 'Dynamic'."""
+    unique = set(values)
+    if len(unique) != 1:
+        return "Dynamic"
+    v = unique.pop()
+    return str(int(v)) if float(v).is_integer() else str(v)
+
+
+def _is_kxk(m: ModuleWeights) -> bool:
+    return m.down.dim() == 4 and tuple(m.down.shape[2:]) != (1, 1)
+
+
+def rank_label(modules: dict[str, ModuleWeights]) -> str:
+    """'4', or '4 (conv 8)' for a LoCon file whose kxk convs have their own rank."""
+    main = dim_label([float(m.rank) for m in modules.values() if not _is_kxk(m)] or [0.0])
+    conv = [float(m.rank) for m in modules.values() if _is_kxk(m)]
+    return f"{main} (conv {dim_label(conv)})" if conv and dim_label(conv) != main else main
+
+
+def apply_dims(meta: dict[str, str], modules: dict[str, ModuleWeights]) -> None:
+    """ss_network_dim/alpha from Linear and 1x1 modules, network_args conv_dim/conv_alpha from kxk convs (kohya's split)."""
+    main = [m for m in modules.values() if not _is_kxk(m)]
+    conv = [m for m in modules.values() if _is_kxk(m)]
+    head = main or conv
+    meta["ss_network_dim"] = dim_label([float(m.rank) for m in head])
+    meta["ss_network_alpha"] = dim_label([m.alpha for m in head])
+    try:
+        args = json.loads(meta.get("ss_network_args") or "{}")
+    except json.JSONDecodeError:
+        args = {}
+    if not isinstance(args, dict):
+        args = {}
+    args.pop("conv_dim", None)
+    args.pop("conv_alpha", None)
+    if conv:
+        args["conv_dim"] = dim_label([float(m.rank) for m in conv])
+        args["conv_alpha"] = dim_label([m.alpha for m in conv])
+    meta["ss_network_args"] = json.dumps(args, separators=(",", ":"))

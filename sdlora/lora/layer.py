@@ -14,15 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def compose_lora(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """up @ down (unscaled) in the layer weight's layout: [out, in], or [out, in, k, k] for a conv (kxk down, 1x1 up)."""
-    if down.dim() == 2:
-        return up.flatten(1) @ down
-    if down.shape[2:] == (1, 1):
-        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], down.shape[1], 1, 1)
-    return torch.einsum("or,rikl->oikl", up.flatten(1), down)  # kxk down then 1x1 up: compose the kernels
-
+from sdlora.formats.deltas import compose_lora
 
 _structure_version = [0]
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,33 +15,7 @@ from sdlora.formats.kohya import AdapterFile, load_adapter
 from sdlora.lora.layer import DeltaAdapter, LoraAdapter, LoraHost
 from sdlora.lora.targets import all_lora_layers, ensure_host
 from sdlora.models.base import BaseModel
-
-
-@dataclass
-class LoraSpec:
-    path: str
-    strength: float = 1.0
-    te_strength: float | None = None  # None: same as strength
-
-
-def parse_lora_spec(text: str) -> LoraSpec:
-    """`FILE[:STRENGTH[:TE_STRENGTH]]`; numbers are peeled off the right so `C:\\x.safetensors` works."""
-    parts = text.split(":")
-    nums: list[float] = []
-    while len(parts) > 1 and len(nums) < 2:
-        try:
-            nums.insert(0, float(parts[-1]))
-        except ValueError:
-            break
-        parts.pop()
-    path = ":".join(parts)
-    if not path:
-        raise SdloraError(f"--lora '{text}': expected FILE[:STRENGTH[:TE_STRENGTH]]")
-    return LoraSpec(path, nums[0] if nums else 1.0, nums[1] if len(nums) > 1 else None)
-
-
-def _warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr)
+from sdlora.util import warn as _warn
 
 
 class LoraMixer:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from sdlora.errors import SdloraError
+from sdlora.formats.names import canonical_te_path, kohya_name
 
 # Relative names inside each BasicTransformerBlock, per preset.
 UNET_BLOCK_TARGETS = {
@@ -61,15 +62,6 @@ class Target:
     is_text_encoder: bool
 
 
-def kohya_module_name(prefix: str, module_path: str) -> str:
-    return f"{prefix}_{module_path.replace('.', '_')}"
-
-
-def canonical_te_path(module_path: str) -> str:
-    """transformers 5 dropped CLIPTextModel's `text_model.` level; kohya keys keep it."""
-    return module_path if module_path.startswith("text_model.") else f"text_model.{module_path}"
-
-
 def _resolve(root: nn.Module, rel: str) -> nn.Module | None:
     try:
         m = root.get_submodule(rel)
@@ -91,7 +83,7 @@ def _collect(model: nn.Module, block_pred, rels: list[str], prefix: str, te: boo
             layer = _resolve(block, rel)
             if layer is not None:
                 full = f"{path}.{rel}" if path else rel
-                found.append(Target(kohya_module_name(prefix, canon(full)), full, model, layer, te))
+                found.append(Target(kohya_name(prefix, canon(full)), full, model, layer, te))
     return found
 
 
@@ -157,7 +149,7 @@ def all_lora_layers(model: nn.Module, prefix: str, te: bool) -> dict[str, tuple[
         for child_name, child in module.named_children():
             full = f"{path}.{child_name}" if path else child_name
             if isinstance(child, (nn.Linear, nn.Conv2d, LoraHost)):
-                out[kohya_module_name(prefix, canonical_te_path(full) if te else full)] = (full, child)
+                out[kohya_name(prefix, canonical_te_path(full) if te else full)] = (full, child)
             else:
                 walk(child, full)
 

@@ -108,5 +108,10 @@ class ModelFamily:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def prompt_kwargs(self, base: BaseModel, prompts: list[str], negatives: list[str]) -> dict:
+        """How prompts reach the pipeline: as text (the pipeline encodes them), or as `prompt_embeds` where a family
+        encodes them itself (long prompts in chunks, encoders a pipeline does not know)."""
+        return {"prompt": prompts, "negative_prompt": negatives if any(negatives) else None}
+
     def _pipeline_text_parts(self, base: BaseModel) -> dict:
         return {"text_encoder": base.text_encoders["text_encoder"], "tokenizer": base.tokenizers["text_encoder"]}

@@ -19,7 +19,7 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from torch import nn
 from sdlora.errors import SdloraError
 
 if TYPE_CHECKING:
-    from sdlora.models.base import BaseModel
+    from sdlora.models.base import BaseModel, Components
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -40,14 +40,6 @@ UNET_HINTS = {"attention_head_dim": 8, "norm_num_groups": 32, "sample_size": 64}
 VAE_HINTS = {"norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215}
 TEXT_HINTS = {"num_attention_heads": None, "hidden_act": "quick_gelu", "bos_token_id": 49406, "eos_token_id": 49407,
               "pad_token_id": 1}
-
-
-class SingleFileParts(NamedTuple):
-    unet: nn.Module
-    vae: nn.Module
-    text_encoder: nn.Module
-    tokenizer: object
-    scheduler: object
 
 
 # ---------------------------------------------------------------- reading the file
@@ -203,7 +195,7 @@ def infer_text_config(sd: dict[str, torch.Tensor], metadata: dict[str, str] | No
 
 def load_single_file(
     path: str | Path, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None
-) -> SingleFileParts:
+) -> Components:
     """UNet, VAE, CLIP text encoder, tokenizer and DDPM scheduler of an SD1.x single file, with no network."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
@@ -241,7 +233,11 @@ def load_single_file(
                     convert_ldm_vae_checkpoint(ckpt, vae_cfg), vae_dtype or dtype, "VAE", path)
     te_sd = {k: v for k, v in convert_ldm_clip_checkpoint(ckpt).items() if not k.endswith("position_ids")}
     te = _assemble(lambda: CLIPTextModel(CLIPTextConfig(**text_cfg)), te_sd, dtype, "text encoder", path)
-    return SingleFileParts(unet, vae, te, tokenizer, DDPMScheduler.from_config(SCHEDULER_CONFIG))
+    from sdlora.models.base import Components
+    from sdlora.models.sd1 import SD1Family
+
+    sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    return Components(unet, vae, {"text_encoder": te}, {"text_encoder": tokenizer}, sched, SD1Family)
 
 
 def _assemble(make, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str, path: Path) -> nn.Module:
@@ -344,10 +340,11 @@ def te_key_to_ldm(key: str) -> str:
 
 
 def _plain_state_dict(model: nn.Module, what: str) -> dict[str, torch.Tensor]:
-    """State dict without LoRA hosts: a fused (or empty) host's base weights under the original layer name."""
-    from sdlora.lora.layer import LoraHost
+    """State dict without LoRA hosts: a fused (or empty) host's base weights under the original layer name.
 
-    hosts = {name: m for name, m in model.named_modules() if isinstance(m, LoraHost)}
+    Hosts are recognised by shape (`base`, `adapters`, `fused`), not by class: models/ sits below lora/.
+    """
+    hosts = {name: m for name, m in model.named_modules() if all(hasattr(m, a) for a in ("base", "adapters", "fused"))}
     for name, h in hosts.items():
         if not h.fused and any(s != 0.0 for s in h.strengths.values()):
             raise SdloraError(f"cannot save the {what} with LoRAs attached but not fused ({name}); fuse them first")

@@ -66,10 +66,15 @@ SCHEDULER_CONFIG = {
 SHIPPED_DIR = Path(__file__).parents[1] / "assets" / "tiny-base"
 
 
-def tiny_base_dir() -> Path:
-    """The pretrained tiny base shipped in the package (scripts/build_tiny_base.py made it)."""
-    if not (SHIPPED_DIR / "model_index.json").exists():
+# `--base NAME` -> the folder shipped in the package
+TINY_BASES = {"tiny": SHIPPED_DIR}
+
+
+def tiny_base_dir(name: str = "tiny") -> Path:
+    """A pretrained tiny base shipped in the package (scripts/build_tiny_base.py made it)."""
+    folder = TINY_BASES[name]
+    if not (folder / "model_index.json").exists():
         from sdlora.errors import SdloraError
 
-        raise SdloraError(f"the embedded tiny base is missing from {SHIPPED_DIR}; reinstall sdlora")
-    return SHIPPED_DIR
+        raise SdloraError(f"the embedded {name} base is missing from {folder}; reinstall sdlora")
+    return folder

@@ -1,8 +1,8 @@
-"""Image generation on a loaded base (with whatever LoRAs a mixer attached), and A1111 prompt tags."""
+"""Image generation on a loaded base (with whatever LoRAs a mixer attached), and saving the images."""
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,96 +10,76 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdlora.errors import SdloraError
-from sdlora.lora.mixer import LoraSpec
+from sdlora.lora.specs import LoraSpec
 from sdlora.models.base import BaseModel
 
-LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
+
+@dataclass
+class GenerateOptions:
+    """What one `sdlora generate` call asks for; image i uses seed + i."""
+
+    prompt: str
+    negative: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 7.5
+    width: int | None = None  # None: the base's native size
+    height: int | None = None
+    num_images: int = 1
+    scheduler: str | None = None
+    cuda_graph: bool = True
+
+
+def generate_images(base: BaseModel, prompt: str, negative: str = "", seed: int = 0, steps: int = 20,
+                    guidance: float = 7.5, width: int | None = None, height: int | None = None, num_images: int = 1,
+                    scheduler: str | None = None, cuda_graph: bool = True) -> list[Image.Image]:
+    """Images from the base with whatever LoRAs a mixer attached (the public API; see GenerateOptions)."""
+    return generate(base, GenerateOptions(prompt, negative, seed, steps, guidance, width, height, num_images, scheduler,
+                                          cuda_graph))
 
 
 @torch.no_grad()
-def generate_images(
-    base: BaseModel,
-    prompt: str,
-    negative: str = "",
-    seed: int = 0,
-    steps: int = 20,
-    guidance: float = 7.5,
-    width: int | None = None,
-    height: int | None = None,
-    num_images: int = 1,
-    scheduler: str | None = None,
-    cuda_graph: bool = True,
-) -> list[Image.Image]:
+def generate(base: BaseModel, opts: GenerateOptions) -> list[Image.Image]:
     """Image i uses seed + i on a CPU generator, so results do not depend on batch size or device.
 
-    On a GPU the UNet steps are replayed from CUDA graphs (sdlora/unet_graph.py) unless cuda_graph is False.
+    On a GPU the UNet steps are replayed from CUDA graphs (sdlora/sample/unet_graph.py) unless opts.cuda_graph is off.
     """
     from sdlora.sample.unet_graph import graphed_unet
 
     size = base.resolution
-    width, height = width or size, height or size
+    width, height = opts.width or size, opts.height or size
     if width % 8 or height % 8:
         raise SdloraError("--width and --height must be multiples of 8")
-    pipe = base.pipeline(scheduler)
-    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
-    latents = torch.stack(
-        [torch.randn((4, height // base.vae_scale_factor, width // base.vae_scale_factor), generator=g) for g in generators]
-    ).to(base.unet.device, base.unet.dtype)
-    with graphed_unet(base.unet, cuda_graph):
+    n = opts.num_images
+    pipe = base.pipeline(opts.scheduler)
+    channels, f = base.unet.config.in_channels, base.vae_scale_factor
+    generators = [torch.Generator("cpu").manual_seed(opts.seed + i) for i in range(n)]
+    latents = torch.stack([torch.randn((channels, height // f, width // f), generator=g) for g in generators])
+    with graphed_unet(base.unet, opts.cuda_graph):
         out = pipe(
-            [prompt] * num_images,
-            negative_prompt=[negative] * num_images if negative else None,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
+            **base.family.prompt_kwargs(base, [opts.prompt] * n, [opts.negative] * n),
+            num_inference_steps=opts.steps,
+            guidance_scale=opts.guidance,
             width=width,
             height=height,
-            latents=latents,
+            latents=latents.to(base.unet.device, base.unet.dtype),
             output_type="latent",
         ).images
-    # Decode ourselves: under fp16 the VAE stays fp32 (SD VAEs overflow in fp16), which the pipeline does not handle.
+    return decode_latents(base, out, pipe.image_processor)
+
+
+def decode_latents(base: BaseModel, latents: torch.Tensor, image_processor) -> list[Image.Image]:
+    """Decode with the VAE in its own dtype: under fp16 it stays fp32 (SD VAEs overflow), which pipelines ignore."""
     vae = base.vae
-    pixels = vae.decode(out.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
-    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+    pixels = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    return image_processor.postprocess(pixels.float(), output_type="pil")
 
 
-def extract_prompt_loras(prompt: str, lora_dir: str | Path | None) -> tuple[str, list[LoraSpec]]:
-    """Take A1111's `<lora:NAME:MULT>` / `<lora:NAME:TE:UNET>` / `te=`/`unet=` tags out of a prompt."""
-    specs = []
-    for m in LORA_TAG.finditer(prompt):
-        name, rest = m.group(1).strip(), [p.strip() for p in m.group(2).split(":")[1:]]
-        named = {p.split("=", 1)[0]: p.split("=", 1)[1] for p in rest if "=" in p}
-        positional = [p for p in rest if "=" not in p]
-        try:
-            te = float(named.get("te", positional[0] if positional else 1.0))
-            unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
-        except ValueError:
-            raise SdloraError(f"bad multiplier in prompt tag {m.group(0)}") from None
-        specs.append(LoraSpec(str(find_lora(name, lora_dir)), unet, te))
-    clean = re.sub(r"\s*,\s*,", ",", LORA_TAG.sub("", prompt)).strip(" ,")
-    return clean, specs
-
-
-def find_lora(name: str, lora_dir: str | Path | None) -> Path:
-    """By file stem, then by the `ss_output_name` alias, as A1111 resolves tags."""
-    if lora_dir is None:
-        raise SdloraError(f"the prompt uses <lora:{name}:...> but no --lora-dir was given to look it up in")
-    root = Path(lora_dir)
-    if not root.is_dir():
-        raise SdloraError(f"--lora-dir not found: {root}")
-    files = sorted(root.rglob("*.safetensors"))
-    for f in files:
-        if f.stem == name:
-            return f
-    from safetensors import safe_open
-
-    for f in files:
-        try:
-            with safe_open(str(f), "pt") as fh:
-                if (fh.metadata() or {}).get("ss_output_name") == name:
-                    return f
-        except Exception:
-            continue
-    raise SdloraError(f"<lora:{name}> not found in {root} (looked for {name}.safetensors and ss_output_name)")
+def a1111_parameters(opts: GenerateOptions, model: str, specs: list[LoraSpec]) -> str:
+    """A1111's `parameters` text for the PNGs, so the settings travel with the image."""
+    loras = ", ".join(f"{Path(s.path).stem}:{s.strength}" for s in specs)
+    return (f"{opts.prompt}\nNegative prompt: {opts.negative}\nSteps: {opts.steps}, Sampler: {opts.scheduler or 'dpm++'}, "
+            f"CFG scale: {opts.guidance}, Seed: {opts.seed}, Model: {model}" + (f", LoRAs: {loras}" if loras else ""))
 
 
 def save_images(images: list[Image.Image], folder: Path, stem: str, parameters: str) -> list[Path]:

@@ -13,14 +13,10 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from sdlora.lora.layer import structure_version
-
-
-def _warn(msg: str) -> None:
-    import sys
-
-    print(f"warning: {msg}", file=sys.stderr)
+from sdlora.util import warn as _warn
 
 
 class UNetGraphs:
@@ -33,10 +29,13 @@ class UNetGraphs:
         self.seen: dict[tuple, int] = {}
         self.version = structure_version()
         self.disabled = False
+        self.replays = 0  # how many UNet calls came from a graph (tests check the SDXL path replays)
 
     def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
-        simple = not args and all(v is None for v in kwargs.values())
-        if self.disabled or not simple or torch.is_grad_enabled() or sample.device.type != "cuda":
+        given = {k: v for k, v in kwargs.items() if v is not None}  # e.g. SDXL's added_cond_kwargs
+        leaves, spec = tree_flatten((encoder_hidden_states, given))
+        graphable = not args and all(torch.is_tensor(x) for x in leaves)
+        if self.disabled or not graphable or torch.is_grad_enabled() or sample.device.type != "cuda":
             return self.plain(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
         t = t.to(sample.device)
@@ -44,22 +43,24 @@ class UNetGraphs:
             self.graphs.clear()
             self.seen.clear()
             self.version = structure_version()
-        key = (tuple(sample.shape), sample.dtype, tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype, tuple(t.shape), t.dtype)
+        inputs = [sample, t, *leaves]
+        key = (str(spec), *((tuple(x.shape), x.dtype) for x in inputs))
         if key not in self.graphs:
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] == 1 or len(self.graphs) >= self.max_graphs:  # warm-up: lazy LoRA stacks, cuDNN plans
-                return self.plain(sample, t, encoder_hidden_states, return_dict=return_dict)
+                return self.plain(sample, t, encoder_hidden_states, return_dict=return_dict, **given)
             try:
-                self.graphs[key] = self._capture(sample, t, encoder_hidden_states)
+                self.graphs[key] = self._capture(inputs, spec)
             except Exception as e:  # a host sync somewhere in the model: sample eagerly
                 self.disabled = True
                 self.warn(f"CUDA graph capture of the UNet failed ({(str(e).splitlines() or [type(e).__name__])[0][:200]}); sampling eagerly")
                 torch.cuda.synchronize(sample.device)
-                return self.plain(sample, t, encoder_hidden_states, return_dict=return_dict)
-        graph, inputs, out = self.graphs[key]
-        for dst, src in zip(inputs, (sample, t, encoder_hidden_states)):
+                return self.plain(sample, t, encoder_hidden_states, return_dict=return_dict, **given)
+        graph, static, out = self.graphs[key]
+        for dst, src in zip(static, inputs):
             dst.copy_(src)
         graph.replay()
+        self.replays += 1
         result = out.clone()  # the next replay overwrites `out`
         if return_dict:
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -67,13 +68,14 @@ class UNetGraphs:
             return UNet2DConditionOutput(sample=result)
         return (result,)
 
-    def _capture(self, sample, t, ctx) -> tuple:
-        inputs = (sample.clone(), t.clone(), ctx.clone())
-        torch.cuda.synchronize(sample.device)
+    def _capture(self, inputs: list[torch.Tensor], spec) -> tuple:
+        static = [x.clone() for x in inputs]
+        context, extra = tree_unflatten(static[2:], spec)
+        torch.cuda.synchronize(static[0].device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self.plain(*inputs, return_dict=False)[0]
-        return graph, inputs, out
+            out = self.plain(static[0], static[1], context, return_dict=False, **extra)[0]
+        return graph, static, out
 
 
 @contextlib.contextmanager

@@ -21,45 +21,25 @@ import torch
 from sdlora.errors import SdloraError
 from sdlora.formats.header import read_header
 from sdlora.formats.kohya import ModuleWeights, load_adapter, save_adapter, tensor_hashes
-from sdlora.util import atomic_write_bytes
+from sdlora.formats.names import SD1_NAMES
+from sdlora.util import SAFETENSORS_DTYPES, atomic_write_bytes, torch_dtype
 
-# kohya prefix -> (diffusers component, its root inside that component)
-_OWNERS = {"lora_unet": ("unet", ""), "lora_te": ("text_encoder", "text_model."),
-           "lora_te1": ("text_encoder", "text_model."), "lora_te2": ("text_encoder_2", "text_model.")}
-# Module-name tokens that contain '_' themselves (kohya turned every '.' into '_'; these must be put back whole).
-_COMPOUNDS = (
-    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "proj_in", "proj_out", "to_q", "to_k", "to_v",
-    "to_out", "time_emb_proj", "conv_shortcut", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
-    "final_layer_norm", "text_projection", "add_embedding", "time_embedding", "linear_1", "linear_2", "conv_in",
-    "conv_out", "conv_norm_out", "encoder_hid_proj", "class_embedding",
-)
-_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 _ADAPTER_METADATA = "lora_adapter_metadata"
 
 
 def module_path(kohya_name: str) -> tuple[str, str]:
     """(diffusers component, dotted module path) for an SD1/SD2 kohya module name."""
-    prefix = next((p for p in sorted(_OWNERS, key=len, reverse=True) if kohya_name.startswith(p + "_")), None)
-    if prefix is None:
-        raise SdloraError(f"not a kohya module name: {kohya_name}")
-    rest = kohya_name[len(prefix) + 1 :]
-    if prefix == "lora_unet" and re.match(r"(input_blocks|output_blocks|middle_block)_", rest):
+    if re.match(r"lora_unet_(input_blocks|output_blocks|middle_block)_", kohya_name):
         raise SdloraError(f"{kohya_name} uses SDXL's original (SGM) block names; converting those is not supported")
-    dotted = "." + rest.replace("_", ".") + "."
-    for token in _COMPOUNDS:
-        dotted = dotted.replace("." + token.replace("_", ".") + ".", "." + token + ".")
-    owner, root = _OWNERS[prefix]
-    path = dotted.strip(".")
-    if root and not path.startswith(root):
-        path = root + path
-    return owner, path
+    return SD1_NAMES.module_path(kohya_name)
 
 
 def _source_dtype(path: Path) -> torch.dtype:
     """The file's most common tensor dtype, so a conversion neither widens nor rounds the weights."""
     _, header = read_header(path)
     counts = Counter(v["dtype"] for k, v in header.items() if k != "__metadata__")
-    return _DTYPES.get(counts.most_common(1)[0][0], torch.float32) if counts else torch.float32
+    common = counts.most_common(1)[0][0] if counts else "F32"
+    return torch_dtype(common) if common in SAFETENSORS_DTYPES else torch.float32
 
 
 def _peft_config(entries: list[tuple[str, ModuleWeights]]) -> dict[str, object]:

@@ -19,8 +19,10 @@ import torch
 from sdlora import __version__
 from sdlora.errors import SdloraError
 from sdlora.formats.kohya import AdapterFile, ModuleWeights, file_sha256, load_adapter, save_adapter
-from sdlora.lora.mixer import LoraSpec
-from sdlora.tools.resize import SAVE_DTYPES, ReduceReport, apply_dims, as_matrices, reduce_modules, require_plain_lora
+from sdlora.formats.metadata import apply_dims
+from sdlora.lora.specs import LoraSpec
+from sdlora.tools.resize import ReduceReport, as_matrices, reduce_modules, require_plain_lora
+from sdlora.util import torch_dtype
 
 
 @dataclass
@@ -109,12 +111,12 @@ def merge_loras(specs: list[LoraSpec], output: str | Path, rank: int | None = No
     modules = concat_modules(adapters, specs)
     report = None
     if rank is not None:
-        modules, report = reduce_modules(modules, rank=rank, dtype=SAVE_DTYPES[save_dtype])
+        modules, report = reduce_modules(modules, rank=rank, dtype=torch_dtype(save_dtype))
         comment = f"merged by sdlora {__version__}: SVD of the summed updates to rank {rank}"
     else:
         comment = f"merged by sdlora {__version__}: ranks concatenated (exact)"
     meta = _lora_metadata(adapters, specs, modules, output, comment)
-    sha = save_adapter(output, modules, meta, SAVE_DTYPES[save_dtype])
+    sha = save_adapter(output, modules, meta, torch_dtype(save_dtype))
     return MergeResult(output, len(modules), sha, report)
 
 
@@ -149,7 +151,7 @@ def bake_into_base(base_name: str, specs: list[LoraSpec], output: str | Path, sa
     mixer.fuse()
     for model in (base.unet, *base.text_encoders.values()):
         _unwrap_hosts(model)
-    dtype = SAVE_DTYPES[save_dtype]
+    dtype = torch_dtype(save_dtype)
     if single:
         save_single_file(base, output, dtype)
         return MergeResult(output, sum(len(h) for h in mixer.loaded.values()))
@@ -166,13 +168,9 @@ def bake_into_base(base_name: str, specs: list[LoraSpec], output: str | Path, sa
 
 def _save_folder(base, output: Path, dtype: torch.dtype, info: dict) -> None:
     """Write a diffusers folder beside `output`, then move it into place: never a half-written model there."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=base.vae.to(dtype), text_encoder=base.text_encoders["text_encoder"].to(dtype),
-        tokenizer=base.tokenizers["text_encoder"], unet=base.unet.to(dtype), scheduler=base.noise_scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    for m in base.modules():
+        m.to(dtype)
+    pipe = base.family.pipeline(base, base.noise_scheduler)  # the family's pipeline class, saved as a folder
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:

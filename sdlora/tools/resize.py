@@ -7,7 +7,6 @@ alpha keeps the module's alpha/rank scale, so the file reads the same way in eve
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +15,8 @@ import torch
 
 from sdlora.errors import SdloraError
 from sdlora.formats.kohya import AdapterFile, ModuleWeights, load_adapter, save_adapter
-
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from sdlora.formats.metadata import apply_dims, rank_label
+from sdlora.util import torch_dtype
 
 
 @dataclass
@@ -122,47 +121,6 @@ def reduce_modules(modules: dict[str, ModuleWeights], rank: int | None = None, e
     return out, report
 
 
-def dim_label(values: list[float]) -> str:
-    """kohya writes per-module ranks/alphas that differ as 'Dynamic'."""
-    unique = set(values)
-    if len(unique) != 1:
-        return "Dynamic"
-    v = unique.pop()
-    return str(int(v)) if float(v).is_integer() else str(v)
-
-
-def _is_kxk(m: ModuleWeights) -> bool:
-    return m.down.dim() == 4 and tuple(m.down.shape[2:]) != (1, 1)
-
-
-def rank_label(modules: dict[str, ModuleWeights]) -> str:
-    """'4', or '4 (conv 8)' for a LoCon file whose kxk convs have their own rank."""
-    main = dim_label([float(m.rank) for m in modules.values() if not _is_kxk(m)] or [0.0])
-    conv = [float(m.rank) for m in modules.values() if _is_kxk(m)]
-    return f"{main} (conv {dim_label(conv)})" if conv and dim_label(conv) != main else main
-
-
-def apply_dims(meta: dict[str, str], modules: dict[str, ModuleWeights]) -> None:
-    """ss_network_dim/alpha from Linear and 1x1 modules, network_args conv_dim/conv_alpha from kxk convs (kohya's split)."""
-    main = [m for m in modules.values() if not _is_kxk(m)]
-    conv = [m for m in modules.values() if _is_kxk(m)]
-    head = main or conv
-    meta["ss_network_dim"] = dim_label([float(m.rank) for m in head])
-    meta["ss_network_alpha"] = dim_label([m.alpha for m in head])
-    try:
-        args = json.loads(meta.get("ss_network_args") or "{}")
-    except json.JSONDecodeError:
-        args = {}
-    if not isinstance(args, dict):
-        args = {}
-    args.pop("conv_dim", None)
-    args.pop("conv_alpha", None)
-    if conv:
-        args["conv_dim"] = dim_label([float(m.rank) for m in conv])
-        args["conv_alpha"] = dim_label([m.alpha for m in conv])
-    meta["ss_network_args"] = json.dumps(args, separators=(",", ":"))
-
-
 def require_plain_lora(adapter: AdapterFile, what: str) -> None:
     """LoHa/LoKr/DoRA/diff modules have no up/down to re-factorise here."""
     deltas = getattr(adapter, "deltas", None) or {}
@@ -180,7 +138,7 @@ def resize_file(path: str | Path, output: str | Path, rank: int | None = None, e
     old_ranks = [m.rank for m in adapter.modules.values()]
     if rank is not None and rank > max(old_ranks):
         raise SdloraError(f"--rank {rank} is larger than the file's rank ({max(old_ranks)}): resize only reduces")
-    modules, report = reduce_modules(adapter.modules, rank, energy, SAVE_DTYPES[save_dtype])
+    modules, report = reduce_modules(adapter.modules, rank, energy, torch_dtype(save_dtype))
     meta = dict(adapter.metadata)
     for key in ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256"):
         meta.pop(key, None)  # recomputed by save_adapter over the new tensors
@@ -189,5 +147,5 @@ def resize_file(path: str | Path, output: str | Path, rank: int | None = None, e
     note = f"resized by sdlora from rank {rank_label(adapter.modules)} to {rank_label(modules)} ({target})"
     old_comment = meta.get("ss_training_comment", "")
     meta["ss_training_comment"] = f"{note}; {old_comment}" if old_comment and old_comment != "None" else note
-    sha = save_adapter(output, modules, meta, SAVE_DTYPES[save_dtype])
+    sha = save_adapter(output, modules, meta, torch_dtype(save_dtype))
     return sha, report

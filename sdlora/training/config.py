@@ -11,9 +11,12 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdlora.errors import SdloraError
+
+if TYPE_CHECKING:
+    from sdlora.lora.spec import NetworkSpec
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -96,11 +99,16 @@ class TrainConfig:
     # Benchmark knob: keep autocast on even when the base weights already are the autocast dtype.
     autocast_bf16_weights: bool = field(default=False, metadata={"hidden": True})
 
+    def network(self) -> NetworkSpec:
+        """The network's shape, as injection builds it and the file's metadata records it."""
+        from sdlora.lora.spec import NetworkSpec  # lazily: `sdlora --help` reads this module without torch
+
+        return NetworkSpec(self.rank, self.alpha, self.conv_rank, self.conv_alpha, self.targets or "cross-attn",
+                           self.text_encoder, self.te_mlp, self.lora_init)
+
     def conv_dims(self) -> tuple[int, float]:
         """(rank, alpha) of kxk conv LoRAs; without --conv-rank they behave like every other layer."""
-        if self.conv_rank is None:
-            return self.rank, float(self.conv_alpha or self.alpha or self.rank)
-        return self.conv_rank, float(self.conv_alpha or self.conv_rank)
+        return self.network().conv_dims()
 
     def resolved_output(self) -> Path:
         return Path(self.output) if self.output else Path("output") / self.name

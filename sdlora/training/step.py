@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from sdlora.util import torch_dtype
+
 
 @dataclass
 class MicroBatch:
@@ -66,7 +68,7 @@ class TrainStep:
         self.speed = speed
         self.device = next(unet.parameters()).device
         self.dtype = next(unet.parameters()).dtype
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+        self.amp_dtype = torch_dtype(mixed_precision) if mixed_precision in ("bf16", "fp16") else None
         if self.amp_dtype == self.dtype and not speed.autocast:
             self.amp_dtype = None  # the weights already are the compute dtype; autocast would only add casts
         self.fp16_scaler = mixed_precision == "fp16"

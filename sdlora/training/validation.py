@@ -36,6 +36,7 @@ class ValidationCase:
     noise: torch.Tensor
     timestep: int
     caption: str
+    sizes: tuple = ((0, 0), (0, 0), (0, 0))  # original, crop, target: the family's size conditioning
 
 
 def make_cases(examples: list[Example], seed: int, scaling: float, num_train_timesteps: int) -> list[ValidationCase]:
@@ -44,18 +45,19 @@ def make_cases(examples: list[Example], seed: int, scaling: float, num_train_tim
     for ex in examples:
         mean = ex.moments[0].chunk(2, dim=0)[0][None] * scaling
         for t in TIMESTEPS:
-            cases.append(ValidationCase(mean, torch.randn(mean.shape, generator=g), min(t, num_train_timesteps - 1), ex.item.caption))
+            cases.append(ValidationCase(mean, torch.randn(mean.shape, generator=g), min(t, num_train_timesteps - 1),
+                                        ex.item.caption, ex.size_info(False)))
     return cases
 
 
 @torch.no_grad()
-def validation_loss(cases: list[ValidationCase], unet, scheduler, cond_for: Callable[[list[str]], dict], v_pred: bool, autocast) -> float:
+def validation_loss(cases: list[ValidationCase], unet, scheduler, cond_for: Callable[[list[str], list], dict], v_pred: bool, autocast) -> float:
     device, dtype = unet.device, unet.dtype
     total = 0.0
     for case in cases:
         t = torch.tensor([case.timestep], device=device)
         with autocast():
             err = prediction_error(unet, scheduler, case.latents.to(device), case.noise.to(device), t,
-                                   cond_for([case.caption]), v_pred, dtype)
+                                   cond_for([case.caption], [case.sizes]), v_pred, dtype)
         total += err.item()
     return total / len(cases)

@@ -1,0 +1,110 @@
+"""Set-up choices of a training run: device, precision, attention, optimizer and the speed levers of the step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from sdlora.errors import SdloraError
+from sdlora.models.base import BaseModel
+from sdlora.training.config import TrainConfig
+from sdlora.training.step import SpeedOptions, TrainStep
+from sdlora.util import info as _info
+
+# --compile auto: compile only where it repays itself. Measured on an H100, SD1.5 at 512 px (BENCHMARKS.md, issue 5):
+# compiling costs ~150 s per input shape and saves this many ms per step over the CUDA-graph step, by batch size.
+COMPILE_SECONDS, COMPILE_SAVES_MS = 150.0, {1: 4.5, 4: 10.7, 16: 27.0}
+CHANNELS_LAST_AUTO_BATCH = 4  # --channels-last auto: faster up to here, slower at 16 (BENCHMARKS.md, issue 5)
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device:
+        dev = torch.device(cfg.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SdloraError("--device cuda was asked for but no CUDA GPU is available")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_precisions(cfg: TrainConfig, device: torch.device) -> tuple[str, str]:
+    """(autocast precision, base weight precision): fp32 on CPU, bf16 on GPUs that have it."""
+    mp = cfg.mixed_precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no")
+    if mp == "fp16" and device.type != "cuda":
+        raise SdloraError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    weights = cfg.precision or {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[mp]
+    return mp, weights
+
+
+def set_attention(base: BaseModel, attention: str, warn: Callable[[str], None]) -> str:
+    """SDPA is diffusers' default; xformers is optional and falls back with a message."""
+    if attention != "xformers":
+        return "sdpa"
+    try:
+        base.unet.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    except ImportError:
+        warn("xformers is not installed (pip install 'sdlora[xformers]'); using PyTorch SDPA attention")
+        return "sdpa"
+    except Exception as e:  # installed but built for another torch/CUDA, as PyPI's 0.0.35 is for torch 2.11
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        warn(f"xformers is installed but does not work with this torch/CUDA ({first[:160]}); using PyTorch SDPA attention")
+        return "sdpa"
+
+
+def te_lr(cfg: TrainConfig) -> float:
+    return cfg.te_lr if cfg.te_lr is not None else cfg.unet_lr / 2
+
+
+def make_optimizer(cfg: TrainConfig, unet_params: list, te_params: list, device: torch.device, capturable: bool = False):
+    """AdamW (fused on GPUs). `capturable`: learning rates live on the GPU so a CUDA graph sees the schedule."""
+    groups = [{"params": unet_params, "lr": cfg.unet_lr}]
+    if te_params:
+        groups.append({"params": te_params, "lr": te_lr(cfg)})
+    if capturable:
+        for g in groups:  # initial_lr stays a float, so the scheduler computes on the host and never syncs
+            g["initial_lr"], g["lr"] = g["lr"], torch.tensor(g["lr"], dtype=torch.float32, device=device)
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True, capturable=True)
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise SdloraError("--optimizer adamw8bit needs bitsandbytes: pip install 'sdlora[bnb]'") from None
+        return bnb.optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+
+def use_cuda_graph(cfg: TrainConfig, device: torch.device, mp: str) -> bool:
+    return cfg.cuda_graph and device.type == "cuda" and cfg.optimizer == "adamw" and cfg.grad_accum == 1 and mp != "fp16"
+
+
+def compile_pays(steps: int, batch: int) -> bool:
+    """Would the steps saved repay the compilation? (nearest measured batch size on a log scale)"""
+    nearest = min(COMPILE_SAVES_MS, key=lambda b: abs(math.log(b / batch)))
+    return steps * COMPILE_SAVES_MS[nearest] / 1000 > COMPILE_SECONDS
+
+
+def build_train_step(base: BaseModel, cfg: TrainConfig, params: list, optimizer, accelerator, mp: str, encode,
+                     total_steps: int, info: Callable[[str], None] = _info) -> TrainStep:
+    """The step `sdlora train` runs; scripts/bench_train.py times this same object."""
+    if cfg.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        base.unet.train()
+        if cfg.text_encoder:
+            for te in base.text_encoders.values():
+                te.gradient_checkpointing_enable({"use_reentrant": False})
+                te.train()
+    model, device = base.unet, base.unet.device
+    if cfg.sdpa_backend not in (None, "math") and device.type != "cuda":
+        raise SdloraError(f"--sdpa-backend {cfg.sdpa_backend} needs a CUDA GPU; leave it unset on the CPU")
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda" and compile_pays(total_steps, cfg.batch_size)):
+        info("compiling the UNet with torch.compile (takes a few minutes on the first steps)")
+        torch._dynamo.config.automatic_dynamic_shapes = False  # each bucket shape gets its own static kernels
+        model = torch.compile(model)  # a wrapper: validation and samples keep using the eager UNet
+    nhwc = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda" and cfg.batch_size <= CHANNELS_LAST_AUTO_BATCH)
+    speed = SpeedOptions(cuda_graph=use_cuda_graph(cfg, device, mp), channels_last=nhwc,
+                         autocast=cfg.autocast_bf16_weights, sdpa_backend=cfg.sdpa_backend, log=info)
+    return TrainStep(model, encode, base.noise_scheduler, params, optimizer, accelerator, mixed_precision=mp,
+                     max_grad_norm=cfg.max_grad_norm, min_snr_gamma=cfg.min_snr_gamma,
+                     v_prediction=base.family.v_prediction, speed=speed)
