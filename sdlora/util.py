@@ -1,4 +1,5 @@
-"""Small things every room shares: atomic file replacement, the one dtype table, warn/info, device defaults.
+"""Small things every room shares: atomic file replacement, the one dtype table, warn/info, device defaults, one-line
+OSError text, output-folder checks and the CPU thread count.
 
 Atomic replacement means a crash or error mid-write never leaves a truncated adapter where a good one was.
 torch is imported lazily so the CLI's --help stays fast.
@@ -6,6 +7,7 @@ torch is imported lazily so the CLI's --help stays fast.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import sys
@@ -13,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from sdlora.errors import SdloraError
 
 if TYPE_CHECKING:
     import torch
@@ -82,8 +86,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = _create_temp(path)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_RDONLY)  # read-only: the caller may have made the file read-only already
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -95,3 +102,95 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that `path` holds either the old content or all of `data`, never a mix."""
     with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
         f.write(data)
+
+
+# ---------------------------------------------------------------- messages
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Warn the first time `key` comes up in this process (a long prompt is cut in every step that uses it)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warn(message)
+
+
+def describe_os_error(exc: OSError, what: str = "cannot access") -> str:
+    """`<what> <path>: <why>` for the error line, e.g. 'cannot access out/x: Permission denied'."""
+    why = exc.strerror or (os.strerror(exc.errno) if exc.errno else type(exc).__name__)
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    return f"{what} {paths}: {why}" if paths else f"{what}: {why}"
+
+
+def check_output_folder(path: str | Path, option: str = "--output") -> Path:
+    """Refuse, before any work, an output folder that is a file or lies where nothing can be written.
+
+    Finds the nearest part of `path` that exists: it must be a folder, and (when `path` itself is missing) one the
+    user may create folders in; an existing `path` must be writable. Root ignores permission bits; os.access knows.
+    """
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = f"{option} {path}" if probe == path else f"{option} {path}: {probe}"
+        raise SdloraError(f"{where} is a file, not a folder; choose another {option}")
+    if not os.access(probe if probe.exists() else Path.cwd(), os.W_OK | os.X_OK):
+        raise SdloraError(f"{option} {path}: cannot write in {probe} (permission denied); choose another {option}")
+    return path
+
+
+# ---------------------------------------------------------------- CPU threads
+
+THREADS_ENV = "SDLORA_THREADS"
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (a container's or taskset's limit, not the host's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_cpu_threads(cores: int | None = None, load: float | None = None) -> int:
+    """Intra-op threads for the CPU: the cores nobody else is using, at least 1.
+
+    torch's OpenMP threads wait for each other at every operator; when another program holds a core, the thread
+    on it is descheduled and the others spin, so a 2-core machine beside one busy process ran 20-60x slower
+    with 2 threads than with 1 (BENCHMARKS.md, "CPU threads"). The 1-minute load average counts the busy ones.
+    """
+    cores = cpu_count() if cores is None else cores
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            load = 0.0
+    return max(1, min(cores, cores - math.floor(load + 0.5)))
+
+
+def configure_cpu_threads(environ: dict[str, str] | None = None) -> int | None:
+    """Set torch's CPU thread count once, at the command line's start, unless the user chose one.
+
+    SDLORA_THREADS=N, OMP_NUM_THREADS=N or MKL_NUM_THREADS=N win; otherwise `choose_cpu_threads`. Returns the
+    number set, or None when the user's choice was left alone. Also makes idle OpenMP threads sleep rather than
+    spin (OMP_WAIT_POLICY=PASSIVE, only where unset and before torch loads its OpenMP runtime).
+    """
+    env = os.environ if environ is None else environ
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    given = env.get(THREADS_ENV)
+    if given:
+        try:
+            n = max(1, int(given))
+        except ValueError:
+            raise SdloraError(f"{THREADS_ENV} must be a whole number, not '{given}'") from None
+    elif env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS"):
+        return None
+    else:
+        n = choose_cpu_threads()
+    import torch
+
+    torch.set_num_threads(n)
+    return n

@@ -35,7 +35,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sdlora.eval.world import STYLES
     from sdlora.lora.specs import parse_lora_spec
     from sdlora.models.base import load_base
-    from sdlora.util import default_device
+    from sdlora.util import check_output_folder, default_device
 
     try:
         strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
@@ -46,6 +46,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for s in args.style or []:
         if s not in STYLES:
             raise SdloraError(f"unknown --style '{s}'; the checker knows {', '.join(STYLES)}")
+    check_output_folder(args.output)
     specs = [parse_lora_spec(s) for s in args.lora]
     styles, trigger = lora_styles(specs, args.style)
     if args.prompts == "builtin":
@@ -57,8 +58,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = default_device(args.device)
     base = load_base(args.base, "fp16" if device.startswith("cuda") else "fp32", device)
     use_checker = args.base == "tiny"
-    bar = tqdm(total=len(prompts) * len(strengths), desc="generating", unit="img")
-    report, grid = run_eval(base, specs, prompts, strengths, styles, args.steps, args.guidance, args.seed, use_checker, bar.update)
+    n_images = len(prompts) * len(strengths)
+    # Counted in sampling steps, so the time left shows within seconds rather than after the first image.
+    bar = tqdm(total=n_images * args.steps, desc=f"eval: {n_images} images", unit="step", mininterval=1.0,
+               postfix=f"image 1/{n_images}",
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed} spent, {remaining} left]")
+    done = 0
+
+    def image_done() -> None:
+        nonlocal done
+        done += 1
+        if done < n_images:
+            bar.set_postfix_str(f"image {done + 1}/{n_images}", refresh=False)
+
+    report, grid = run_eval(base, specs, prompts, strengths, styles, args.steps, args.guidance, args.seed, use_checker,
+                            image_done, on_step=lambda _i: bar.update(1))
     bar.close()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ def cmd_meta(args: argparse.Namespace) -> int:
         _, header = read_header(args.file)  # no edits: show the metadata
         print(json.dumps(header.get("__metadata__") or {}, indent=2, ensure_ascii=False))
         return 0
-    result = edit_metadata(args.file, dict(_pair(s) for s in args.set), args.unset)
+    result = edit_metadata(args.file, dict(_pair(s) for s in args.set), args.unset, force=args.force)
     if not result.changed:
         print("metadata unchanged")
     else:
@@ -63,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="trigger_phrase, description, title, author, license, tags, usage_hint (stored as modelspec.KEY) "
                         "or a full ss_*/modelspec.* key; repeatable")
     p.add_argument("--unset", action="append", default=[], metavar="KEY", help="remove a key; repeatable")
+    p.add_argument("--force", action="store_true", help="edit a read-only file too (it keeps its mode)")
     p.set_defaults(func=cmd_meta)
 
     p = sub.add_parser("convert", help="rewrite a LoRA file in the kohya or the diffusers/peft layout")

@@ -36,15 +36,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdlora.lora.specs import extract_prompt_loras, parse_lora_spec
     from sdlora.models.base import load_base
     from sdlora.sample.generate import GenerateOptions, a1111_parameters, generate, save_images
-    from sdlora.util import default_device
+    from sdlora.util import check_output_folder, default_device
 
     if args.num_images < 1 or args.steps < 1:
         raise SdloraError("--num-images and --steps must be at least 1")
+    check_output_folder(args.output)
     device = default_device(args.device)
     precision = args.precision or ("fp16" if device.startswith("cuda") else "fp32")
     prompt, tag_specs = extract_prompt_loras(args.prompt, args.lora_dir)
     specs = [parse_lora_spec(s) for s in args.lora] + tag_specs
     adapters = [load_adapter(spec.path) for spec in specs]  # bad files fail before the base loads
+    for adapter in adapters:
+        adapter.require_finite()
     base = load_base(args.base, precision, device)
     mixer = LoraMixer(base)
     for spec, adapter in zip(specs, adapters):

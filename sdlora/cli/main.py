@@ -12,6 +12,7 @@ from sdlora.cli import generate as cli_generate
 from sdlora.cli import merge as cli_merge
 from sdlora.cli import train as cli_train
 from sdlora.errors import SdloraError
+from sdlora.util import configure_cpu_threads, describe_os_error
 
 # Every command module, in --help order; each has register(subparsers).
 COMMANDS = (cli_train, cli_generate, cli_eval, cli_merge, cli_files)
@@ -29,9 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time notices are not for our users
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("train", "generate", "eval", "merge"):  # the commands that compute; others start faster
+            configure_cpu_threads(announce=lambda m: print(f"sdlora: {m}", file=sys.stderr))
         return args.func(args)
     except SdloraError as e:
         print(f"sdlora: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path or permission mistake the commands did not phrase better: still one line
+        print(f"sdlora: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sdlora: interrupted", file=sys.stderr)

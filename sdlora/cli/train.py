@@ -9,6 +9,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from sdlora.training.config import TrainConfig, make_config
+from sdlora.util import check_output_folder
 
 EPILOG_TRAIN = """examples:
   sdlora train --images datasets/sketch --trigger "sks sketch" --rank 4
@@ -55,6 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg, _ = resume_config(given, resume)
     else:
         cfg = make_config(args.config, **given)
+    check_output_folder(cfg.resolved_output())
     result = train(cfg)
     if result.interrupted:
         return 130

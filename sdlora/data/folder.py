@@ -73,7 +73,12 @@ def scan_images(
             warn(f"skipping {rel.as_posix()}: {problem}")
             skipped += 1
             continue
-        text = _read_caption(path, ext, files_by_lower_name, root_path, warn)
+        try:
+            text = _read_caption(path, ext, files_by_lower_name, root_path, warn)
+        except OSError as exc:  # an unreadable caption: the image would train with the wrong text, so skip it
+            warn(f"skipping {rel.as_posix()}: cannot read its caption {Path(exc.filename or '').name}: {exc.strerror or exc}")
+            skipped += 1
+            continue
         items.append(
             ImageItem(
                 path=path,
@@ -86,6 +91,9 @@ def scan_images(
         raise SdloraError(f"no readable images in {root}: all {len(images)} files failed to open")
     if skipped:
         warn(f"skipped {skipped} of {len(images)} files")
+    if not trigger and not any(item.caption for item in items):
+        warn(f"no image has a caption ({ext} file) and no --trigger was given: the LoRA will learn the style for every "
+             "prompt and can only be switched on or off by its strength; pass --trigger \"xyz style\" to give it a word")
     return items
 
 
@@ -124,18 +132,45 @@ def _unreadable_reason(path: Path) -> str | None:
 def _read_caption(
     image: Path, ext: str, files_by_lower_name: dict[Path, Path], root: Path, warn: Callable[[str], None]
 ) -> str:
-    """Caption text for an image, one line; "" when there is no caption file."""
+    """Caption text for an image, one line; "" when there is no caption file. OSError when it cannot be read."""
     wanted = image.with_suffix(ext)
     path = wanted if wanted.is_file() else files_by_lower_name.get(wanted.with_name(wanted.name.lower()))
     if path is None:
         return ""
     raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        warn(f"caption {path.relative_to(root).as_posix()} is not valid UTF-8; undecodable bytes replaced")
-        text = raw.decode("utf-8-sig", errors="replace")
+    text = decode_caption(raw)
+    if text is None:
+        warn(f"caption {path.relative_to(root).as_posix()} is neither UTF-8 nor UTF-16; undecodable bytes replaced")
+        text = raw.decode("utf-8", errors="replace")
     return _one_line(text)
+
+
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xef\xbb\xbf", "utf-8-sig"),
+         (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+
+
+def decode_caption(raw: bytes) -> str | None:
+    """Caption bytes as text: by byte-order mark (Windows Notepad saves "Unicode" as UTF-16 LE with one), else
+    UTF-8, else BOM-less UTF-16 told by its zero bytes; None when no encoding fits."""
+    for bom, encoding in _BOMS:
+        if raw.startswith(bom):
+            try:
+                return raw.decode(encoding).removeprefix("\ufeff")
+            except UnicodeDecodeError:
+                return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    if len(raw) >= 2 and len(raw) % 2 == 0 and b"\x00" in raw:
+        odd_zeros, even_zeros = raw[1::2].count(0), raw[0::2].count(0)
+        encoding = "utf-16-le" if odd_zeros > even_zeros else "utf-16-be"
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError:
+            return None
+        return text if "\x00" not in text else None
+    return None
 
 
 def _one_line(text: str) -> str:

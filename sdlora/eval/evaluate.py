@@ -102,8 +102,11 @@ def run_eval(
     seed: int = 0,
     use_checker: bool = True,
     progress=None,
+    on_step=None,
 ) -> tuple[EvalReport, list[list[Image.Image]]]:
-    """Images[strength][prompt]; prompt i always uses seed + i so columns differ only by strength."""
+    """Images[strength][prompt]; prompt i always uses seed + i so columns differ only by strength.
+
+    `progress()` is called after each image, `on_step(i)` after each sampling step (for a bar with time left)."""
     from sdlora.eval.checker import judge, load_checker
 
     checker = load_checker() if use_checker else None
@@ -117,7 +120,7 @@ def run_eval(
             mixer.set_strength(name, k * s.strength, k * te)
         images = []
         for i, p in enumerate(prompts):
-            images += generate_images(base, p.text, seed=seed + i, steps=steps, guidance=guidance)
+            images += generate_images(base, p.text, seed=seed + i, steps=steps, guidance=guidance, on_step=on_step)
             if progress:
                 progress()
         row: dict = {"strength": k, **pixel_stats(images, grid[0] if grid else None)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,23 @@ class AdapterFile:
     path: Path | None = None
     deltas: dict[str, DeltaWeights] = field(default_factory=dict)
 
+    def nonfinite_modules(self) -> list[str]:
+        """Modules holding NaN or infinite weights (or alpha): applied, they turn every image black."""
+        bad = []
+        for name, m in sorted({**self.modules, **self.deltas}.items()):
+            tensors = (m.down, m.up) if isinstance(m, ModuleWeights) else tuple(m.tensors.values())
+            if (m.alpha is not None and not math.isfinite(m.alpha)) or not all(bool(t.isfinite().all()) for t in tensors):
+                bad.append(name)
+        return bad
+
+    def require_finite(self) -> None:
+        """Refuse, with the module's name, a file that would make NaN images or weights."""
+        bad = self.nonfinite_modules()
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise SdloraError(f"{self.path or 'the adapter'} holds NaN or infinite weights in {bad[0]}{more}; "
+                              "refusing to apply it (sdlora inspect lists them)")
+
 
 def file_sha256(path: str | Path) -> str:
     """Whole-file sha256 hex (AutoV2 is its first 10 characters)."""
@@ -114,7 +132,7 @@ def tensor_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
 
 
 def _check_pair(name: str, down: torch.Tensor, up: torch.Tensor, where: str) -> None:
-    if down.ndim not in (2, 4) or up.ndim != down.ndim:
+    if down.ndim not in (2, 4) or up.ndim != down.ndim or 0 in down.shape or 0 in up.shape:
         raise SdloraError(
             f"{name} in {where} is not a LoRA pair: lora_down shape {list(down.shape)}, lora_up shape {list(up.shape)}"
         )
@@ -186,6 +204,37 @@ def _check_safetensors_container(path: Path) -> None:
 
 
 check_safetensors_file = _check_safetensors_container  # public name for the other file tools
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _check_declared_sizes(path: Path) -> None:
+    """Refuse a header whose tensors claim more bytes than the file holds, before anything is read or allocated."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)  # n <= size was checked by _check_safetensors_container
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SdloraError(f"corrupt safetensors header in {path}: {exc}") from None
+    if not isinstance(header, dict):
+        raise SdloraError(f"corrupt safetensors header in {path}: not a JSON object")
+    data = size - 8 - n
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            shape, (start, end) = entry["shape"], entry["data_offsets"]
+            count = math.prod(int(d) for d in shape)
+            ok = all(isinstance(d, int) and d >= 0 for d in (*shape, start, end)) and start <= end <= data
+            ok = ok and (entry["dtype"] not in _ITEMSIZE or count * _ITEMSIZE[entry["dtype"]] == end - start)
+        except (TypeError, ValueError, KeyError, AttributeError):
+            ok = False
+        if not ok:
+            raise SdloraError(f"corrupt safetensors header in {path}: tensor {key!r} declares a shape, dtype or offsets "
+                              f"that do not fit the file's {data} data bytes")
 
 
 def _unsupported(key: str, path: Path) -> SdloraError:
@@ -266,6 +315,7 @@ def load_adapter(path: str | Path) -> AdapterFile:
     modules, validating every key: plain LoRA pairs go to `modules`, every other type to `deltas`."""
     path = Path(path)
     _check_safetensors_container(path)
+    _check_declared_sizes(path)
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})

@@ -13,6 +13,7 @@ from sdlora.errors import SdloraError
 from sdlora.formats.deltas import DeltaWeights
 from sdlora.formats.kohya import AdapterFile, load_adapter
 from sdlora.lora.layer import DeltaAdapter, LoraAdapter, LoraHost
+from sdlora.lora.specs import check_strengths
 from sdlora.lora.targets import all_lora_layers, ensure_host
 from sdlora.models.base import BaseModel
 from sdlora.util import warn as _warn
@@ -42,6 +43,8 @@ class LoraMixer:
 
     def add(self, adapter: AdapterFile, strength: float = 1.0, te_strength: float | None = None, name: str | None = None) -> str:
         label = str(adapter.path) if adapter.path else "adapter"
+        check_strengths(label, strength, te_strength)
+        adapter.require_finite()
         name = _safe_name(name or (Path(adapter.path).stem if adapter.path else f"lora{len(self.loaded)}"))
         base_name = name
         i = 1
@@ -85,6 +88,7 @@ class LoraMixer:
         return name
 
     def set_strength(self, name: str, strength: float, te_strength: float | None = None) -> None:
+        check_strengths(name, strength, te_strength)
         te_s = strength if te_strength is None else te_strength
         for host in self._hosts(name):
             if host.fused:

@@ -5,6 +5,7 @@ Shared by the CLI, the page and the tools, so every front end reads a spec the s
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,13 @@ def parse_lora_spec(text: str) -> LoraSpec:
     if not path:
         raise SdloraError(f"--lora '{text}': expected FILE[:STRENGTH[:TE_STRENGTH]]")
     return LoraSpec(path, nums[0] if nums else 1.0, nums[1] if len(nums) > 1 else None)
+
+
+def check_strengths(label: str, strength: float, te_strength: float | None = None) -> None:
+    """Strengths must be finite numbers: inf or NaN scales every weight to inf/NaN, and the image comes out black."""
+    for what, value in (("strength", strength), ("text-encoder strength", te_strength)):
+        if value is not None and not math.isfinite(value):
+            raise SdloraError(f"{label}: {what} {value} is not a finite number")
 
 
 def extract_prompt_loras(prompt: str, lora_dir: str | Path | None) -> tuple[str, list[LoraSpec]]:

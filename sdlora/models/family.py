@@ -16,6 +16,7 @@ import torch
 
 from sdlora.formats.metadata import modelspec_architecture
 from sdlora.formats.names import NameTable
+from sdlora.util import warn_once
 
 if TYPE_CHECKING:
     from sdlora.models.base import BaseModel, Components
@@ -75,6 +76,7 @@ class ModelFamily:
         out = {}
         for key in self.text_encoder_keys:
             tok = base.tokenizers[key]
+            warn_if_cut(tok, prompts)
             ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
             out[key] = ids.input_ids
         return out
@@ -115,3 +117,12 @@ class ModelFamily:
 
     def _pipeline_text_parts(self, base: BaseModel) -> dict:
         return {"text_encoder": base.text_encoders["text_encoder"], "tokenizer": base.tokenizers["text_encoder"]}
+
+
+def warn_if_cut(tokenizer, texts: list[str]) -> None:
+    """Training encodes one 77-token window: say once that longer captions lose their end (generate keeps it)."""
+    room = tokenizer.model_max_length - 2  # BOS and EOS take two places
+    long = [t for t, ids in zip(texts, tokenizer(texts, add_special_tokens=False).input_ids) if len(ids) > room]
+    if long:
+        warn_once("long-caption", f"{len(long)} of {len(texts)} captions are longer than CLIP's {tokenizer.model_max_length} "
+                  f"tokens and are cut there in training (e.g. '{long[0][:60]}...'); put the words that matter first")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,18 +33,23 @@ class GenerateOptions:
 
 def generate_images(base: BaseModel, prompt: str, negative: str = "", seed: int = 0, steps: int = 20,
                     guidance: float = 7.5, width: int | None = None, height: int | None = None, num_images: int = 1,
-                    scheduler: str | None = None, cuda_graph: bool = True) -> list[Image.Image]:
+                    scheduler: str | None = None, cuda_graph: bool = True,
+                    on_step: Callable[[int], None] | None = None) -> list[Image.Image]:
     """Images from the base with whatever LoRAs a mixer attached (the public API; see GenerateOptions)."""
     return generate(base, GenerateOptions(prompt, negative, seed, steps, guidance, width, height, num_images, scheduler,
-                                          cuda_graph))
+                                          cuda_graph), on_step)
 
 
 @torch.no_grad()
-def generate(base: BaseModel, opts: GenerateOptions) -> list[Image.Image]:
+def generate(base: BaseModel, opts: GenerateOptions, on_step: Callable[[int], None] | None = None) -> list[Image.Image]:
     """Image i uses seed + i on a CPU generator, so results do not depend on batch size or device.
 
     On a GPU the UNet steps are replayed from CUDA graphs (sdlora/sample/unet_graph.py) unless opts.cuda_graph is off.
+    Prompts over 77 tokens are encoded in 75-token chunks (sdlora/sample/prompts.py). Sampling stops with an error
+    as soon as the latents hold NaN or inf, rather than decoding a black image. `on_step(i)` is called after each
+    sampling step (progress bars).
     """
+    from sdlora.sample.prompts import long_prompt_embeds
     from sdlora.sample.unet_graph import graphed_unet
 
     size = base.resolution
@@ -55,15 +61,27 @@ def generate(base: BaseModel, opts: GenerateOptions) -> list[Image.Image]:
     channels, f = base.unet.config.in_channels, base.vae_scale_factor
     generators = [torch.Generator("cpu").manual_seed(opts.seed + i) for i in range(n)]
     latents = torch.stack([torch.randn((channels, height // f, width // f), generator=g) for g in generators])
+    prompts, negatives = [opts.prompt] * n, [opts.negative] * n
+    text = long_prompt_embeds(base, prompts, negatives) or base.family.prompt_kwargs(base, prompts, negatives)
+
+    def check_step(_pipe, i: int, _t, tensors: dict) -> dict:
+        if not bool(torch.isfinite(tensors["latents"]).all()):
+            raise SdloraError(f"sampling stopped at step {i + 1} of {opts.steps}: the latents became NaN or infinite "
+                              "(a LoRA strength too high, or a broken base/adapter); no image was written")
+        if on_step:
+            on_step(i)
+        return {}
+
     with graphed_unet(base.unet, opts.cuda_graph):
         out = pipe(
-            **base.family.prompt_kwargs(base, [opts.prompt] * n, [opts.negative] * n),
+            **text,
             num_inference_steps=opts.steps,
             guidance_scale=opts.guidance,
             width=width,
             height=height,
             latents=latents.to(base.unet.device, base.unet.dtype),
             output_type="latent",
+            callback_on_step_end=check_step,
         ).images
     return decode_latents(base, out, pipe.image_processor)
 
@@ -72,6 +90,8 @@ def decode_latents(base: BaseModel, latents: torch.Tensor, image_processor) -> l
     """Decode with the VAE in its own dtype: under fp16 it stays fp32 (SD VAEs overflow), which pipelines ignore."""
     vae = base.vae
     pixels = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    if not bool(torch.isfinite(pixels).all()):
+        raise SdloraError("the VAE decoded NaN or infinite pixels (an fp16 overflow?); try --precision fp32")
     return image_processor.postprocess(pixels.float(), output_type="pil")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import safetensors.torch
 
+from sdlora.formats.deltas import DeltaWeights
 from sdlora.formats.header import read_header
 from sdlora.formats.kohya import AdapterFile, ModuleWeights, load_adapter, tensor_data_sha256, tensor_hashes
 
@@ -76,17 +77,31 @@ def detect_format(keys: list[str], adapter: AdapterFile) -> str:
     return f"{layout} {' + '.join(parts)}"
 
 
+def _in_width(w: ModuleWeights | DeltaWeights) -> int | None:
+    """Input width of a Linear module's update: lora_down's, or ΔW's size over its rows (LoHa, LoKr, DoRA...)."""
+    if isinstance(w, ModuleWeights):
+        return int(w.down.shape[1])
+    try:
+        out = w.out_features()
+        return w.numel() // out if out else None
+    except (IndexError, KeyError):
+        return None
+
+
 def guess_architecture(adapter: AdapterFile) -> tuple[str, str]:
-    """(sd_v1 | sd_v2 | sdxl | unknown, the evidence): layer widths first, then key names, then metadata."""
-    names = list(adapter.modules) + list(adapter.deltas)
-    for name, w in adapter.modules.items():
-        if re.search(r"attn2_to_[kv]$", name) and (arch := _CONTEXT_DIMS.get(int(w.down.shape[1]))):
-            return arch, f"cross-attention width {int(w.down.shape[1])}"
-    if any(_SDXL_KEYS.search(n) for n in names):
+    """(sd_v1 | sd_v2 | sdxl | unknown, the evidence): layer widths first, then key names, then metadata.
+
+    Widths are read from every module type, so LyCORIS LoHa/LoKr files (no lora_down) are recognised too.
+    """
+    every = {**adapter.modules, **adapter.deltas}
+    for name, w in every.items():
+        if re.search(r"attn2_to_[kv]$", name) and (arch := _CONTEXT_DIMS.get(_in_width(w) or 0)):
+            return arch, f"cross-attention width {_in_width(w)}"
+    if any(_SDXL_KEYS.search(n) for n in every):
         return "sdxl", "SDXL key names (lora_te1/te2, input/output blocks)"
-    for name, w in adapter.modules.items():
-        if re.search(r"^lora_te_.*self_attn_q_proj$", name) and (arch := _TE_DIMS.get(int(w.down.shape[1]))):
-            return arch, f"text-encoder width {int(w.down.shape[1])}"
+    for name, w in every.items():
+        if re.search(r"^lora_te_.*self_attn_q_proj$", name) and (arch := _TE_DIMS.get(_in_width(w) or 0)):
+            return arch, f"text-encoder width {_in_width(w)}"
     meta = adapter.metadata
     version = meta.get("ss_base_model_version", "")
     spec = meta.get("modelspec.architecture", "")
@@ -169,6 +184,7 @@ def inspect_adapter(path: str | Path) -> dict[str, object]:
         "hashes": _hashes(path, adapter),
         "zero_modules": len(zero),
         "zero_module_names": zero,
+        "nonfinite_module_names": adapter.nonfinite_modules(),
     }
     orientations = Counter(d.orientation for d in adapter.deltas.values() if d.orientation)
     if orientations:
@@ -207,6 +223,11 @@ def format_report(r: dict) -> str:
     if h["sshs_model_hash"] or h["sshs_legacy_hash"]:
         ok = "verified" if h.get("sshs_verified") else "DO NOT MATCH the tensors"
         lines.append(f"  sshs:       model {h['sshs_model_hash']}, legacy {h['sshs_legacy_hash']} ({ok})")
+    if r["nonfinite_module_names"]:
+        bad = r["nonfinite_module_names"]
+        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        lines.append(f"error: {len(bad)} of {r['modules']} modules hold NaN or infinite weights (generate and merge "
+                     f"refuse this file): {shown}")
     if r["zero_modules"]:
         shown = ", ".join(r["zero_module_names"][:5]) + (" ..." if r["zero_modules"] > 5 else "")
         lines.append(f"warning: {r['zero_modules']} of {r['modules']} modules have all-zero weights (untrained): {shown}")

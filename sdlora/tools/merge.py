@@ -20,7 +20,7 @@ from sdlora import __version__
 from sdlora.errors import SdloraError
 from sdlora.formats.kohya import AdapterFile, ModuleWeights, file_sha256, load_adapter, save_adapter
 from sdlora.formats.metadata import apply_dims
-from sdlora.lora.specs import LoraSpec
+from sdlora.lora.specs import LoraSpec, check_strengths
 from sdlora.tools.resize import ReduceReport, as_matrices, reduce_modules, require_plain_lora
 from sdlora.util import torch_dtype
 
@@ -31,6 +31,17 @@ class MergeResult:
     modules: int
     sha256: str | None = None  # of the written LoRA file
     report: ReduceReport | None = None  # with a target rank
+
+
+def _load_checked(specs: list[LoraSpec]) -> list[AdapterFile]:
+    """The inputs, refusing non-finite strengths and files with NaN/inf weights (they would poison the result)."""
+    adapters = []
+    for spec in specs:
+        check_strengths(spec.path, spec.strength, spec.te_strength)
+        adapter = load_adapter(spec.path)
+        adapter.require_finite()
+        adapters.append(adapter)
+    return adapters
 
 
 def _title(adapter: AdapterFile) -> str:
@@ -102,7 +113,7 @@ def merge_loras(specs: list[LoraSpec], output: str | Path, rank: int | None = No
     output = Path(output)
     if output.suffix.lower() != ".safetensors":
         raise SdloraError(f"a merged LoRA is written as .safetensors, not {output.name} (to bake into a base, pass --base)")
-    adapters = [load_adapter(s.path) for s in specs]
+    adapters = _load_checked(specs)
     for a in adapters:
         require_plain_lora(a, "merging into a LoRA file")
     versions = {a.metadata["ss_base_model_version"] for a in adapters if a.metadata.get("ss_base_model_version")}
@@ -143,7 +154,7 @@ def bake_into_base(base_name: str, specs: list[LoraSpec], output: str | Path, sa
             raise SdloraError("single-file output is not available yet: pass a folder as --output") from None
     if output.exists() and (output.is_file() or any(output.iterdir())) and not overwrite:
         raise SdloraError(f"{output} already exists; pass --overwrite or another --output")
-    adapters = [load_adapter(s.path) for s in specs]  # bad files fail before the base loads
+    adapters = _load_checked(specs)  # bad files fail before the base loads
     base = load_base(base_name, "fp32", "cpu")
     mixer = LoraMixer(base)
     for adapter, spec in zip(adapters, specs):

@@ -43,11 +43,11 @@ class TrainConfig:
     # LoRA
     rank: int = opt(4, "LoRA rank (dim)")
     alpha: float | None = opt(None, "LoRA alpha; the update is scaled by alpha/rank (default: alpha = rank)")
-    targets: str | None = opt(None, "UNet layers, comma-separated: cross-attn (attn2 q/k/v/out), attn (attn1+attn2), all-linear (kohya's set), conv (ResNet/resampler convs: LoCon), e.g. all-linear,conv (default: cross-attn, or the base's recommendation: all-linear on tiny)")
+    targets: str | None = opt(None, "layers, comma-separated: cross-attn (UNet attn2 q/k/v/out), attn (attn1+attn2), all-linear (kohya's full LoRA set: every Linear of the UNet's transformer blocks, proj_in/out and the text encoder's attention and MLP), conv (ResNet/resampler convs: LoCon), e.g. all-linear,conv (default: cross-attn, or the base's recommendation: all-linear on tiny)")
     conv_rank: int | None = opt(None, "rank of the LoRA on 3x3 convs (ResNet conv1/conv2, Downsample/Upsample) with --targets ...,conv (default: --rank)")
     conv_alpha: float | None = opt(None, "alpha of the 3x3 conv LoRA (default: --conv-rank when given, else --alpha)")
-    text_encoder: bool = opt(True, "also train a LoRA on the CLIP text encoder's attention")
-    te_mlp: bool = opt(False, "include the text encoder's MLP (fc1/fc2) layers")
+    text_encoder: bool = opt(True, "also train a LoRA on the CLIP text encoder's attention (and its MLP with all-linear or --te-mlp)")
+    te_mlp: bool | None = opt(None, "include the text encoder's MLP (fc1/fc2) layers (default: on with all-linear, as in kohya's set; off otherwise)")
     lora_init: str = opt("kaiming", "init of the down matrix (up starts at zero)", choices=["kaiming", "gaussian"])
     # optimisation
     steps: int | None = opt(None, "optimizer steps (default 500, or the base's recommendation; unless --epochs is given)")
@@ -134,6 +134,10 @@ def apply_base_defaults(cfg: TrainConfig, base_path: Path) -> TrainConfig:
     for key, fallback in FALLBACKS.items():
         if getattr(cfg, key) is None and not (key == "steps" and cfg.epochs):
             values[key] = recommended.get(key, fallback)
+    if cfg.te_mlp is None:  # all-linear is kohya's whole set: 72 text-encoder modules on SD1, not 48
+        from sdlora.lora.targets import parse_targets
+
+        values["te_mlp"] = "all-linear" in parse_targets(values.get("targets", cfg.targets))
     return dataclasses.replace(cfg, **values)
 
 
