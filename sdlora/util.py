@@ -11,7 +11,8 @@ import math
 import os
 import secrets
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -155,23 +156,56 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def choose_cpu_threads(cores: int | None = None, load: float | None = None) -> int:
+def busy_cores(window: float = 0.2) -> float | None:
+    """How many of this process's CPUs other programs kept busy over the last `window` seconds (Linux), else None.
+
+    Read from /proc/stat: unlike the load average, which takes a minute to notice a new load, it is current.
+    """
+    mine = {f"cpu{i}" for i in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else None
+
+    def sample() -> dict[str, tuple[int, int]]:
+        out = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *ticks = line.split()
+                if name.startswith("cpu") and name != "cpu" and (mine is None or name in mine):
+                    t = [int(x) for x in ticks[:8]]
+                    out[name] = (sum(t), t[3] + t[4])  # total, idle + iowait
+        return out
+
+    try:
+        first = sample()
+        time.sleep(window)
+        second = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = 0.0
+    for name, (total, idle) in second.items():
+        d_total, d_idle = total - first[name][0], idle - first[name][1]
+        busy += (d_total - d_idle) / d_total if d_total > 0 else 0.0
+    return busy
+
+
+def choose_cpu_threads(cores: int | None = None, busy: float | None = None) -> int:
     """Intra-op threads for the CPU: the cores nobody else is using, at least 1.
 
-    torch's OpenMP threads wait for each other at every operator; when another program holds a core, the thread
-    on it is descheduled and the others spin, so a 2-core machine beside one busy process ran 20-60x slower
-    with 2 threads than with 1 (BENCHMARKS.md, "CPU threads"). The 1-minute load average counts the busy ones.
+    torch's OpenMP threads meet at a barrier after every operator; when another program holds a core, the thread
+    on it waits for the scheduler and the others wait for it, so a 2-core machine beside a busy load runs many
+    times slower with 2 threads than with 1 (BENCHMARKS.md, "CPU threads"), while 1 thread on an idle 2-core
+    machine loses little. So only cores that are idle now count; when that cannot be read, the load average.
     """
     cores = cpu_count() if cores is None else cores
-    if load is None:
+    if busy is None:
+        busy = busy_cores()
+    if busy is None:
         try:
-            load = os.getloadavg()[0]
+            busy = os.getloadavg()[0]
         except (AttributeError, OSError):
-            load = 0.0
-    return max(1, min(cores, cores - math.floor(load + 0.5)))
+            busy = 0.0
+    return max(1, min(cores, cores - math.floor(busy + 0.5)))
 
 
-def configure_cpu_threads(environ: dict[str, str] | None = None) -> int | None:
+def configure_cpu_threads(environ: dict[str, str] | None = None, announce: Callable[[str], None] | None = None) -> int | None:
     """Set torch's CPU thread count once, at the command line's start, unless the user chose one.
 
     SDLORA_THREADS=N, OMP_NUM_THREADS=N or MKL_NUM_THREADS=N win; otherwise `choose_cpu_threads`. Returns the
@@ -179,7 +213,8 @@ def configure_cpu_threads(environ: dict[str, str] | None = None) -> int | None:
     spin (OMP_WAIT_POLICY=PASSIVE, only where unset and before torch loads its OpenMP runtime).
     """
     env = os.environ if environ is None else environ
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" not in env:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     given = env.get(THREADS_ENV)
     if given:
         try:
@@ -189,7 +224,11 @@ def configure_cpu_threads(environ: dict[str, str] | None = None) -> int | None:
     elif env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS"):
         return None
     else:
-        n = choose_cpu_threads()
+        cores, busy = cpu_count(), busy_cores()
+        n = choose_cpu_threads(cores, busy)
+        if n < cores and announce:
+            announce(f"other programs keep {busy or 0:.1f} of {cores} CPU cores busy: using {n} CPU thread"
+                     f"{'s' if n > 1 else ''} (set {THREADS_ENV}=N to choose)")
     import torch
 
     torch.set_num_threads(n)
