@@ -62,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # Counted in sampling steps, so the time left shows within seconds rather than after the first image.
     bar = tqdm(total=n_images * args.steps, desc=f"eval: {n_images} images", unit="step", mininterval=1.0,
                postfix=f"image 1/{n_images}",
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed} spent, {remaining} left]")
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps{postfix} [{elapsed} spent, {remaining} left]")
     done = 0
 
     def image_done() -> None:

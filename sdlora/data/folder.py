@@ -159,7 +159,9 @@ def decode_caption(raw: bytes) -> str | None:
             except UnicodeDecodeError:
                 return None
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
+        if "\x00" not in text:  # NUL is valid UTF-8, but in a caption it means UTF-16 without a BOM
+            return text
     except UnicodeDecodeError:
         pass
     if len(raw) >= 2 and len(raw) % 2 == 0 and b"\x00" in raw:
