@@ -32,6 +32,10 @@ def _pixels(img: Image.Image) -> list[tuple[int, ...]]:
     return [tuple(p) for p in np.asarray(img).reshape(-1, len(img.getbands())).tolist()]
 
 
+NO_CAPTIONS = ("no image has a caption (.txt file) and no --trigger was given: the LoRA will learn the style for every "
+               'prompt and can only be switched on or off by its strength; pass --trigger "xyz style" to give it a word')
+
+
 def _scan(root, **kwargs) -> tuple[list[ImageItem], list[str]]:
     warnings: list[str] = []
     return scan_images(root, warn=warnings.append, **kwargs), warnings
@@ -99,7 +103,7 @@ def test_non_utf8_caption_warns_and_is_still_used(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"caf\xe9 scene")
     items, warnings = _scan(tmp_path)
     assert items[0].caption == "caf\ufffd scene"
-    assert warnings == ["caption a.txt is not valid UTF-8; undecodable bytes replaced"]
+    assert warnings == ["caption a.txt is neither UTF-8 nor UTF-16; undecodable bytes replaced"]
 
 
 # --- layout: repeats, recursion, extensions -------------------------------------------------------
@@ -154,7 +158,7 @@ def test_recursive_case_insensitive_sorted(tmp_path):
         "sub/d.bmp",
         "sub/deep/c.WebP",
     ]
-    assert warnings == []
+    assert warnings == [NO_CAPTIONS]  # no caption and no trigger: said once (issue 13)
 
 
 # --- unreadable files and errors ------------------------------------------------------------------
@@ -177,7 +181,7 @@ def test_broken_files_are_skipped_with_one_warning_each_and_a_summary(tmp_path):
 
     items, warnings = _scan(tmp_path)
     assert [i.path.name for i in items] == ["good1.png", "good2.png"]
-    assert len(warnings) == 5
+    assert warnings.pop() == NO_CAPTIONS and len(warnings) == 5
     skipped = sorted(w for w in warnings if w.startswith("skipping "))
     assert [w.split(":")[0] for w in skipped] == [
         "skipping text.png",
@@ -224,7 +228,8 @@ def test_default_warning_goes_to_stderr(tmp_path, capsys):
     (tmp_path / "b.png").write_bytes(b"")
     scan_images(tmp_path)
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and "skipping b.png: empty file" in err[0] and "skipped 1 of 2 files" in err[1]
+    assert len(err) == 3 and "skipping b.png: empty file" in err[0] and "skipped 1 of 2 files" in err[1]
+    assert err[2] == f"warning: {NO_CAPTIONS}"
 
 
 def test_user_folder_is_left_unchanged(tmp_path):
