@@ -15,7 +15,7 @@ TEXT_1 = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_
 TEXT_2 = TEXT_1 | {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 3,
                    "hidden_act": "gelu", "projection_dim": 24, "pad_token_id": 1}
 UNET = {
-    "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+    "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
     "block_out_channels": [16, 32, 32],
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
