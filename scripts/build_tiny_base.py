@@ -14,6 +14,11 @@ kernel non-determinism).
 
     python scripts/build_tiny_base.py --stage vae  --out build/tiny --vae-minutes 3
     python scripts/build_tiny_base.py --stage unet --out build/tiny --unet-minutes 7
+
+`--family sdxl` builds tiny-xl instead (scripts/tiny_xl_stages.py): tiny's VAE and checker, an SDXL UNet and two
+text encoders. `--smoke` shrinks every stage to a few images and steps so the whole builder runs on a CPU in a minute.
+
+    python scripts/build_tiny_base.py --family sdxl --out build/tiny-xl --unet-minutes 12
 """
 
 from __future__ import annotations
@@ -310,11 +315,12 @@ def evaluate(args, device) -> dict:
     from sdlora.sample.generate import generate_images
 
     base = load_base(str(args.out), "fp16" if device.type == "cuda" else "fp32", device)
-    checker = load_checker(args.out / "checker.safetensors")
+    own = args.out / "checker.safetensors"  # tiny-xl is judged by tiny's checker, the one shipped in sdlora/assets
+    checker = load_checker(own if own.exists() else Path(__file__).resolve().parents[1] / "sdlora" / "assets" / "checker.safetensors")
     scenes = world.eval_scenes(args.eval_prompts)
     images = []
     for i, scene in enumerate(scenes):
-        images += generate_images(base, world.caption(scene), seed=i, steps=20, guidance=7.5)
+        images += generate_images(base, world.caption(scene), seed=i, steps=args.eval_steps, guidance=7.5)
     verdict = judge(checker, images)
     colour = float(np.mean([v == s.shapes[0].colour for v, s in zip(verdict["colour"], scenes)]))
     shape = float(np.mean([v == s.shapes[0].kind for v, s in zip(verdict["shape"], scenes)]))
@@ -327,7 +333,7 @@ def evaluate(args, device) -> dict:
           f"read as styled {read_as_styled:.3f}", flush=True)
     return {"eval_prompts": len(scenes), "eval_colour_acc": colour, "eval_shape_acc": shape, "eval_plain_style": plain,
             "eval_other_style_scores": styled, "eval_read_as_styled": read_as_styled,
-            "eval_sampler": "DPM++ 20 steps, CFG 7.5, seeds 0-199"}
+            "eval_sampler": f"DPM++ {args.eval_steps} steps, CFG 7.5, seeds 0-{len(scenes) - 1}"}
 
 
 def _grid(images, cols: int = 8):
@@ -367,13 +373,25 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=500)
     ap.add_argument("--init-from", type=Path, help="start the UNet/text encoder from this folder's weights")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation (run it later with --stage eval)")
+    ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--family", choices=["sd1", "sdxl"], default="sd1", help="sd1: the tiny base; sdxl: tiny-xl")
+    ap.add_argument("--tiny-from", type=Path, default=Path(__file__).resolve().parents[1] / "sdlora" / "assets" / "tiny-base",
+                    help="sdxl: the tiny base whose VAE (and text encoder, as a start) tiny-xl reuses")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes (a few images and steps) to check the builder on a CPU")
     args = ap.parse_args()
+    if args.smoke:
+        args.vae_images, args.vae_steps, args.unet_images, args.unet_steps, args.unet_batch = 16, 2, 32, 3, 4
+        args.checker_scenes, args.checker_steps, args.checker_batch = 8, 2, 8
+        args.eval_prompts, args.eval_steps, args.warmup, args.workers = 2, 2, 1, 1
+    args.size = SIZE
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "build_log.json"
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
     log |= {"seed": args.seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+    if args.family == "sdxl":
+        return build_sdxl(args, device, log, log_path)
     if args.stage in ("vae", "checker", "all"):  # `checker` retrains it alone, on the VAE already in --out
         from diffusers import AutoencoderKL
 
@@ -387,6 +405,23 @@ def main() -> None:
     if args.stage in ("unet", "eval", "all") and not args.no_eval:
         log |= evaluate(args, device)
     log_path.write_text(json.dumps(log, indent=2) + "\n")
+    print(json.dumps(log), flush=True)
+
+
+def build_sdxl(args, device, log: dict, log_path: Path) -> None:
+    """tiny-xl: the `vae` stage re-measures tiny's VAE (and copies the checker), `unet` trains, `eval` judges."""
+    import tiny_xl_stages as xl
+
+    log["family"] = "sdxl"
+    if args.stage in ("vae", "checker", "all"):
+        log |= xl.prepare_vae(args, device, render_pool, to_pixels)
+    if args.stage in ("unet", "all"):
+        log |= {f"run{len([k for k in log if k.startswith('run')]) + 1}": xl.train_unet_xl(args, device, render_pool, to_pixels)}
+        log_path.write_text(json.dumps(log, indent=2) + "\n")
+    if args.stage in ("unet", "eval", "all") and not args.no_eval:
+        log |= evaluate(args, device)
+    log_path.write_text(json.dumps(log, indent=2) + "\n")
+    xl.write_card(args.out, log, args)
     print(json.dumps(log), flush=True)
 
 
