@@ -40,6 +40,9 @@ class TrainConfig:
     # model
     base: str = opt("tiny", "base model: 'tiny' (embedded), a diffusers folder, an SD1.x .safetensors/.ckpt file or a hub id")
     precision: str | None = opt(None, "dtype of the frozen base weights: fp32, fp16, bf16 (default: fp32 on CPU, bf16 on GPU)", choices=["fp32", "fp16", "bf16"])
+    vae: str | None = opt(None, "a VAE to use instead of the base's: a diffusers VAE folder, hub id or .safetensors; one whose config says force_upcast false (e.g. madebyollin/sdxl-vae-fp16-fix) runs in fp16, others stay fp32 under fp16 (SDXL's VAE overflows)")
+    v_prediction: bool = opt(False, "the base predicts v (NoobAI-XL v-pred, SD 2.x 768-v) though its scheduler config or file does not say so")
+    zero_terminal_snr: bool = opt(False, "rescale the noise schedule to zero terminal SNR (what v-prediction bases such as NoobAI-XL v-pred were trained with)")
     # LoRA
     rank: int = opt(4, "LoRA rank (dim)")
     alpha: float | None = opt(None, "LoRA alpha; the update is scaled by alpha/rank (default: alpha = rank)")
@@ -56,6 +59,8 @@ class TrainConfig:
     grad_accum: int = opt(1, "gradient accumulation steps")
     unet_lr: float | None = opt(None, "learning rate of the UNet LoRA (default 1e-4, or the base's recommendation: 1e-3 on tiny)")
     te_lr: float | None = opt(None, "learning rate of the text-encoder LoRA (default: --unet-lr / 2)")
+    te1_lr: float | None = opt(None, "SDXL: learning rate of text encoder 1's LoRA (CLIP ViT-L, lora_te1_); 0 trains none there (default: --te-lr)")
+    te2_lr: float | None = opt(None, "SDXL: learning rate of text encoder 2's LoRA (OpenCLIP bigG, lora_te2_); 0 trains none there (default: --te-lr)")
     optimizer: str = opt("adamw", "adamw, or adamw8bit (needs the bnb extra)", choices=["adamw", "adamw8bit"])
     weight_decay: float = opt(1e-2, "AdamW weight decay")
     lr_scheduler: str = opt("constant", "learning-rate schedule", choices=["constant", "cosine", "linear"])
