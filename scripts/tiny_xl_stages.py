@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from sdlora.eval import world
 from sdlora.models import tiny_xl
+from sdlora.models.sdxl import bundled_config
 from sdlora.models.tiny import TOKENIZER_DIR
 
 INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1", "force_zeros_for_empty_prompt": True,
@@ -88,7 +89,7 @@ def train_unet_xl(args, device, render_pool, to_pixels) -> dict:
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**tiny_xl.TEXT_CONFIG_2)).to(device)
     models = (unet, te1, te2)
     emas = [copy.deepcopy(m).requires_grad_(False) for m in models]
-    sched_config = json.loads((tiny_xl.SDXL_CONFIG_DIR / "scheduler.json").read_text())
+    sched_config = bundled_config("scheduler")
     sched = DDPMScheduler.from_config(sched_config)
     sched.alphas_cumprod = sched.alphas_cumprod.to(device)
     params = [p for m in models for p in m.parameters()]

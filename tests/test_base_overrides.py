@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler
 from sdlora.errors import SdloraError
 from sdlora.models.overrides import configure_schedule, inference_overrides, load_vae, vae_dtype
 from sdlora.models.single_file_sgm_write import vae_ldm_state_dict
-from tests.sdxl_models import SCHEDULER, VAE
+from tests.sdxl_folder import SCHEDULER, VAE
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,8 @@ import pytest
 import torch
 
 from sdlora.errors import SdloraError
-from sdlora.models.sdxl import SDXLFamily, check_parts
-from tests.sdxl_models import write_sdxl_folder
-
-SDXL_CONFIGS = Path(__file__).resolve().parents[1] / "sdlora" / "assets" / "sdxl"
+from sdlora.models.sdxl import SDXLFamily, bundled_config, check_parts
+from tests.sdxl_folder import write_sdxl_folder
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +100,7 @@ def _meta_sdxl(configs: dict):
 
 
 def _bundled() -> dict:
-    return {n: {k: v for k, v in json.loads((SDXL_CONFIGS / f"{n}.json").read_text()).items() if k != "architectures"}
-            for n in ("unet", "text_encoder", "text_encoder_2", "vae", "scheduler")}
+    return {n: bundled_config(n) for n in ("unet", "text_encoder", "text_encoder_2", "vae", "scheduler")}
 
 
 def test_bundled_configs_are_sdxl_1_0():

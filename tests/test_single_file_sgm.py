@@ -14,7 +14,7 @@ from sdlora.errors import SdloraError
 from sdlora.models.sdxl import SDXLFamily
 from sdlora.models.single_file_sgm import classify, load_sgm_file, read_any
 from sdlora.models.single_file_sgm_write import save_sgm_file
-from tests.sdxl_models import TEXT_1, write_sdxl_folder
+from tests.sdxl_folder import TEXT_1, write_sdxl_folder
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def _sd2_parts(seed: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tests.sdxl_models import VAE
+    from tests.sdxl_folder import VAE
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

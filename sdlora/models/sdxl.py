@@ -22,6 +22,16 @@ if TYPE_CHECKING:
     from sdlora.models.base import BaseModel
 
 VERSION = "sdxl_base_v1-0"
+CONFIG_DIR = Path(__file__).parents[1] / "assets" / "sdxl"  # SDXL 1.0 base's component configs, folder layout
+
+
+def bundled_config(component: str) -> dict:
+    """SDXL 1.0 base's config of one component (unet, vae, text_encoder, text_encoder_2, scheduler)."""
+    import json
+
+    name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    data = json.loads((CONFIG_DIR / component / name).read_text())
+    return {k: v for k, v in data.items() if not k.startswith("_") and k not in ("architectures", "transformers_version", "torch_dtype")}
 
 
 class SDXLFamily(ModelFamily):

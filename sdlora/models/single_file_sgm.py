@@ -44,13 +44,6 @@ V_MARKERS = ("v_pred",)
 ZTSNR_MARKERS = ("ztsnr",)
 
 
-def _sdxl_json(name: str) -> dict:
-    from sdlora.models.tiny_xl import SDXL_CONFIG_DIR
-
-    return {k: v for k, v in json.loads((SDXL_CONFIG_DIR / f"{name}.json").read_text()).items()
-            if not k.startswith("_") and k != "architectures"}
-
-
 # ---------------------------------------------------------------- what a file is
 
 
@@ -222,6 +215,7 @@ def load_sgm_file(path: str | Path, dtype: torch.dtype = torch.float32, vae_dtyp
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from sdlora.models.sdxl import bundled_config
     from sdlora.models.tiny import SCHEDULER_CONFIG, TOKENIZER_DIR
 
     path = Path(path)
@@ -238,7 +232,7 @@ def load_sgm_file(path: str | Path, dtype: torch.dtype = torch.float32, vae_dtyp
         size = 128 if sdxl else (96 if predicted == "v_prediction" else 64)
         unet_cfg = infer_sgm_unet_config(strip(UNET_PREFIX), metadata, te2_cfg["projection_dim"] if sdxl else None, size)
         vae_defaults = {"norm_num_groups": 32, "sample_size": size * 8,
-                        "scaling_factor": _sdxl_json("vae")["scaling_factor"] if sdxl else 0.18215}
+                        "scaling_factor": bundled_config("vae")["scaling_factor"] if sdxl else 0.18215}
         vae_cfg = infer_vae_config(strip(VAE_PREFIX)) | _hints(metadata, "vae", vae_defaults)
         te1_cfg = infer_text_config(_with_text_model(strip(SDXL_TE1)), metadata) if sdxl else None
     except (KeyError, StopIteration, IndexError, ZeroDivisionError) as e:
@@ -264,7 +258,7 @@ def load_sgm_file(path: str | Path, dtype: torch.dtype = torch.float32, vae_dtyp
                      if not k.endswith("position_ids")}
         te1 = _assemble(lambda: CLIPTextModel(CLIPTextConfig(**te1_cfg)), te1_state, dtype, "CLIP text encoder", path)
         text_encoders, tokenizers = {"text_encoder": te1, "text_encoder_2": te2}, {"text_encoder": tok, "text_encoder_2": tok_open_clip}
-        sched_cfg = _sdxl_json("scheduler")
+        sched_cfg = bundled_config("scheduler")
     else:
         text_encoders, tokenizers = {"text_encoder": te2}, {"text_encoder": tok_open_clip}
         sched_cfg = dict(SCHEDULER_CONFIG)

@@ -19,7 +19,6 @@ from sdlora.errors import SdloraError
 from sdlora.models.tiny import TEXT_CONFIG
 
 SHIPPED_DIR = Path(__file__).parents[1] / "assets" / "tiny-xl-base"
-SDXL_CONFIG_DIR = Path(__file__).parents[1] / "assets" / "sdxl"  # the real SDXL 1.0 component configs
 
 TEXT_CONFIG_1 = dict(TEXT_CONFIG)  # tiny's CLIP text encoder (its weights are the starting point)
 TEXT_CONFIG_2 = {
