@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -62,3 +63,25 @@ def write_sdxl_folder(root: Path, seed: int = 0, prediction_type: str = "epsilon
     EulerDiscreteScheduler.from_config(SCHEDULER | {"prediction_type": prediction_type}).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps(INDEX, indent=2))
     return root
+
+
+def shared_sdxl_folder(tmp_path_factory) -> Path:
+    """One random SDXL folder per test session, whichever test file asks first (writing one takes ~10 s)."""
+    root = tmp_path_factory.getbasetemp() / "sdxl-shared"
+    if not (root / "model_index.json").exists():
+        write_sdxl_folder(root)
+    return root
+
+
+def sd2_parts(seed: int) -> SimpleNamespace:
+    """A small random SD 2.x-shaped base: linear proj_in/out, one OpenCLIP-style (gelu) text encoder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        cross_attention_dim=48, attention_head_dim=[2, 4], use_linear_projection=True)
+    te = CLIPTextModel(CLIPTextConfig(**(TEXT_1 | {"hidden_size": 48, "num_attention_heads": 3, "hidden_act": "gelu"})))
+    return SimpleNamespace(unet=unet.eval(), vae=AutoencoderKL(**VAE).eval(), text_encoders={"text_encoder": te.eval()})

@@ -11,12 +11,12 @@ import torch
 
 from sdlora.errors import SdloraError
 from sdlora.models.sdxl import SDXLFamily, bundled_config, check_parts
-from tests.sdxl_folder import write_sdxl_folder
+from tests.sdxl_folder import shared_sdxl_folder
 
 
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory) -> Path:
-    return write_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "base")
+    return shared_sdxl_folder(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +26,14 @@ def parts(sdxl_dir):
 
 @pytest.fixture(scope="module")
 def base(parts):
-    return SimpleNamespace(text_encoders=parts["text_encoders"], tokenizers=parts["tokenizers"], unet=parts["unet"],
-                           vae=parts["vae"])
+    return SimpleNamespace(text_encoders=parts.text_encoders, tokenizers=parts.tokenizers, unet=parts.unet, vae=parts.vae)
 
 
 @pytest.fixture(scope="module")
 def pipe(parts, base):
     from diffusers import EulerDiscreteScheduler
 
-    return SDXLFamily("sdxl_base_v1-0", False).pipeline(base, EulerDiscreteScheduler.from_config(parts["scheduler"].config))
+    return SDXLFamily("sdxl_base_v1-0", False).pipeline(base, EulerDiscreteScheduler.from_config(parts.scheduler.config))
 
 
 def test_family_facts(parts):
@@ -78,10 +77,10 @@ def test_unet_kwargs_drive_the_unet_as_the_pipeline_does(base, parts):
                              fam.size_conditioning((512, 384), (16, 8), (128, 128))])
         kwargs = fam.unet_kwargs(text, sizes)
         x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-        out = parts["unet"](x, 500, **kwargs).sample
-        ref = parts["unet"](x, 500, encoder_hidden_states=text["encoder_hidden_states"],
+        out = parts.unet(x, 500, **kwargs).sample
+        ref = parts.unet(x, 500, encoder_hidden_states=text["encoder_hidden_states"],
                             added_cond_kwargs={"text_embeds": text["text_embeds"], "time_ids": sizes}).sample
-        other = parts["unet"](x, 500, **fam.unet_kwargs(text, sizes.flip(0))).sample
+        other = parts.unet(x, 500, **fam.unet_kwargs(text, sizes.flip(0))).sample
     assert torch.equal(out, ref)
     assert not torch.allclose(out, other)  # the time ids really condition the UNet
     with pytest.raises(ValueError, match="time ids"):
@@ -94,9 +93,10 @@ def _meta_sdxl(configs: dict):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with init_empty_weights():
-        return {"unet": UNet2DConditionModel.from_config(configs["unet"]),
-                "text_encoders": {"text_encoder": CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
-                                  "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))}}
+        return SimpleNamespace(
+            unet=UNet2DConditionModel.from_config(configs["unet"]),
+            text_encoders={"text_encoder": CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+                           "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))})
 
 
 def _bundled() -> dict:
@@ -108,10 +108,10 @@ def test_bundled_configs_are_sdxl_1_0():
     configs = _bundled()
     m = _meta_sdxl(configs)
     count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
-    assert count(m["unet"]) == 2_567_463_684
-    assert count(m["text_encoders"]["text_encoder"]) == 123_060_480
-    assert count(m["text_encoders"]["text_encoder_2"]) == 694_659_840
-    check_parts(m, "sdxl")  # 768 + 1280 = 2048 context; 1280 pooled + 6 x 256 time ids = 2816
+    assert count(m.unet) == 2_567_463_684
+    assert count(m.text_encoders["text_encoder"]) == 123_060_480
+    assert count(m.text_encoders["text_encoder_2"]) == 694_659_840
+    check_parts(m.unet, m.text_encoders, "sdxl")  # 768 + 1280 = 2048 context; 1280 pooled + 6 x 256 time ids = 2816
     assert configs["vae"]["scaling_factor"] == 0.13025 and configs["unet"]["sample_size"] * 8 == 1024
 
 
@@ -122,13 +122,13 @@ def test_tiny_xl_has_sdxls_module_names_and_counts():
 
     m = _meta_sdxl({"unet": tiny_xl.UNET_CONFIG, "text_encoder": tiny_xl.TEXT_CONFIG_1,
                     "text_encoder_2": tiny_xl.TEXT_CONFIG_2})
-    check_parts(m, "tiny-xl")
-    unet = unet_targets(m["unet"], "all-linear")
-    real = unet_targets(_meta_sdxl(_bundled())["unet"], "all-linear")
+    check_parts(m.unet, m.text_encoders, "tiny-xl")
+    unet = unet_targets(m.unet, "all-linear")
+    real = unet_targets(_meta_sdxl(_bundled()).unet, "all-linear")
     assert len(unet) == 722 and [t.kohya_name for t in unet] == [t.kohya_name for t in real]
-    assert len(text_encoder_targets(m["text_encoders"]["text_encoder"], "lora_te1", mlp=True)) == 72
-    assert len(text_encoder_targets(m["text_encoders"]["text_encoder_2"], "lora_te2", mlp=True)) == 192
-    params = sum(p.numel() for mod in (m["unet"], *m["text_encoders"].values()) for p in mod.parameters())
+    assert len(text_encoder_targets(m.text_encoders["text_encoder"], "lora_te1", mlp=True)) == 72
+    assert len(text_encoder_targets(m.text_encoders["text_encoder_2"], "lora_te2", mlp=True)) == 192
+    params = sum(p.numel() for mod in (m.unet, *m.text_encoders.values()) for p in mod.parameters())
     assert params * 2 + 2_600_000 < 30e6  # fp16, with tiny's 2.5 MB VAE: the shipping limit
 
 

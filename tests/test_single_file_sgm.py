@@ -11,15 +11,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdlora.errors import SdloraError
+from sdlora.models.sd1 import SD1Family
 from sdlora.models.sdxl import SDXLFamily
 from sdlora.models.single_file_sgm import classify, load_sgm_file, read_any
 from sdlora.models.single_file_sgm_write import save_sgm_file
-from tests.sdxl_folder import TEXT_1, write_sdxl_folder
+from tests.sdxl_folder import TEXT_1, sd2_parts, shared_sdxl_folder
 
 
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory) -> Path:
-    return write_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "base")
+    return shared_sdxl_folder(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +31,12 @@ def sdxl_parts(sdxl_dir):
 @pytest.fixture(scope="module")
 def sdxl_file(sdxl_parts, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("sgm") / "xl.safetensors"
-    save_sgm_file(sdxl_parts["unet"], sdxl_parts["vae"], sdxl_parts["text_encoders"], path, dtype=torch.float32)
+    save_sgm_file(sdxl_parts.unet, sdxl_parts.vae, sdxl_parts.text_encoders, path, dtype=torch.float32)
     return path
 
 
 def _modules(parts) -> dict:
-    return {"unet": parts["unet"], "vae": parts["vae"], **parts["text_encoders"]}
+    return {"unet": parts.unet, "vae": parts.vae, **parts.text_encoders}
 
 
 def _assert_same_weights(a: dict, b: dict) -> None:
@@ -67,14 +68,14 @@ def test_sdxl_file_has_the_sgm_layout(sdxl_file):
 
 def test_sdxl_round_trip_is_bit_identical(sdxl_parts, sdxl_file):
     back = load_sgm_file(sdxl_file)
-    assert back["kind"] == "sdxl"
+    assert back.family is SDXLFamily
     _assert_same_weights(_modules(sdxl_parts), _modules(back))
     for name in ("unet", "vae"):
-        assert _public(back[name].config) == _public(sdxl_parts[name].config) | {
-            k: v for k, v in _public(back[name].config).items() if k not in _public(sdxl_parts[name].config)}
-    assert back["tokenizers"]["text_encoder_2"].pad_token == "!"
-    assert back["tokenizers"]["text_encoder"].pad_token == "<|endoftext|>"
-    assert back["scheduler"].config.prediction_type == "epsilon"
+        ours, theirs = _public(getattr(back, name).config), _public(getattr(sdxl_parts, name).config)
+        assert {k: ours[k] for k in theirs} == theirs
+    assert back.tokenizers["text_encoder_2"].pad_token == "!"
+    assert back.tokenizers["text_encoder"].pad_token == "<|endoftext|>"
+    assert back.scheduler.config.prediction_type == "epsilon"
 
 
 def test_diffusers_reads_our_sgm_file_to_the_same_weights(sdxl_parts, sdxl_dir, sdxl_file):
@@ -88,39 +89,24 @@ def test_diffusers_reads_our_sgm_file_to_the_same_weights(sdxl_parts, sdxl_dir, 
 
 def test_v_prediction_markers_and_ztsnr(sdxl_parts, tmp_path):
     path = tmp_path / "vpred.safetensors"
-    save_sgm_file(sdxl_parts["unet"], sdxl_parts["vae"], sdxl_parts["text_encoders"], path,
+    save_sgm_file(sdxl_parts.unet, sdxl_parts.vae, sdxl_parts.text_encoders, path,
                   prediction_type="v_prediction", zero_terminal_snr=True)
     with safe_open(str(path), "pt") as f:
         assert {"v_pred", "ztsnr"} <= set(f.keys())  # what NoobAI-style files carry and ComfyUI reads
-    sched = load_sgm_file(path)["scheduler"]
+    sched = load_sgm_file(path).scheduler
     assert sched.config.prediction_type == "v_prediction" and sched.config.rescale_betas_zero_snr
     assert float(sched.alphas_cumprod[-1]) < 1e-6  # the terminal step is pure noise
-    assert load_sgm_file(path, prediction_type="epsilon")["scheduler"].config.prediction_type == "epsilon"
+    assert load_sgm_file(path, prediction_type="epsilon").scheduler.config.prediction_type == "epsilon"
 
 
 # ---------------------------------------------------------------- SD 2.x
 
 
-def _sd2_parts(seed: int):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from tests.sdxl_folder import VAE
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
-        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-        cross_attention_dim=48, attention_head_dim=[2, 4], use_linear_projection=True)
-    te = CLIPTextModel(CLIPTextConfig(**(TEXT_1 | {"hidden_size": 48, "num_attention_heads": 3, "hidden_act": "gelu"})))
-    return {"unet": unet.eval(), "vae": AutoencoderKL(**VAE).eval(), "text_encoders": {"text_encoder": te.eval()}}
-
-
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_sd2_round_trip_with_openclip_h_layout(prediction, tmp_path):
-    parts = _sd2_parts(1)
+    parts = sd2_parts(1)
     path = tmp_path / "sd2.safetensors"
-    save_sgm_file(parts["unet"], parts["vae"], parts["text_encoders"], path, dtype=torch.float32,
+    save_sgm_file(parts.unet, parts.vae, parts.text_encoders, path, dtype=torch.float32,
                   prediction_type=prediction)
     with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
@@ -131,23 +117,24 @@ def test_sd2_round_trip_with_openclip_h_layout(prediction, tmp_path):
     assert f"cond_stage_model.model.transformer.resblocks.{layers}.attn.in_proj_weight" in keys
     assert f"cond_stage_model.model.transformer.resblocks.{layers + 1}.attn.in_proj_weight" not in keys
     back = load_sgm_file(path)
-    assert back["kind"] == "sd2" and list(back["text_encoders"]) == ["text_encoder"]
-    assert back["tokenizers"]["text_encoder"].pad_token == "!"
-    assert back["scheduler"].config.prediction_type == prediction
+    assert back.family is SD1Family and list(back.text_encoders) == ["text_encoder"]
+    assert back.family.from_components(back).version == "sd_v2"
+    assert back.tokenizers["text_encoder"].pad_token == "!"
+    assert back.scheduler.config.prediction_type == prediction
     _assert_same_weights(_modules(parts), _modules(back))
 
 
 def test_sd2_without_metadata_is_probed_like_a1111(tmp_path):
     """No metadata: the UNet is run once at t=999; a random UNet is no v-model, and the override flag wins."""
-    parts = _sd2_parts(2)
+    parts = sd2_parts(2)
     path = tmp_path / "sd2.safetensors"
-    save_sgm_file(parts["unet"], parts["vae"], parts["text_encoders"], path, dtype=torch.float32)
+    save_sgm_file(parts.unet, parts.vae, parts.text_encoders, path, dtype=torch.float32)
     with safe_open(str(path), "pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
         hints = {"sdlora.config_hints": f.metadata()["sdlora.config_hints"]}
     save_file(state, str(path), metadata=hints)
-    assert load_sgm_file(path)["scheduler"].config.prediction_type == "epsilon"
-    assert load_sgm_file(path, prediction_type="v_prediction")["scheduler"].config.prediction_type == "v_prediction"
+    assert load_sgm_file(path).scheduler.config.prediction_type == "epsilon"
+    assert load_sgm_file(path, prediction_type="v_prediction").scheduler.config.prediction_type == "v_prediction"
 
 
 # ---------------------------------------------------------------- what is refused, in one line

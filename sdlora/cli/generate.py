@@ -9,7 +9,10 @@ from sdlora.errors import SdloraError
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", default="tiny", help="base model: 'tiny', a diffusers folder, an SD1.x .safetensors/.ckpt file or a hub id (default: tiny)")
+    p.add_argument("--base", default="tiny", help="base model: 'tiny', 'tiny-xl', a diffusers folder, an SD 1.x/2.x/SDXL .safetensors/.ckpt file or a hub id (default: tiny)")
+    p.add_argument("--vae", help="a VAE to use instead of the base's (diffusers folder, hub id or .safetensors); fp16 only if its config says force_upcast false")
+    p.add_argument("--v-prediction", action="store_true", help="the base predicts v though its config or file does not say so")
+    p.add_argument("--zero-terminal-snr", action="store_true", help="the base was trained with a zero-terminal-SNR schedule")
     p.add_argument("--prompt", required=True, help="prompt; A1111 tags like <lora:NAME:0.8> load LoRAs from --lora-dir")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:S[:TE]]",
@@ -48,7 +51,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     adapters = [load_adapter(spec.path) for spec in specs]  # bad files fail before the base loads
     for adapter in adapters:
         adapter.require_finite()
-    base = load_base(args.base, precision, device)
+    base = load_base(args.base, precision, device, args.vae, args.v_prediction, args.zero_terminal_snr)
     mixer = LoraMixer(base)
     for spec, adapter in zip(specs, adapters):
         mixer.add(adapter, spec.strength, spec.te_strength)

@@ -1,7 +1,7 @@
 """Base models: `load_base` and the registry of model families.
 
 A diffusers folder is matched to the first family whose `matches` accepts its components; single files are
-recognised by their keys (sdlora/models/single_file.py).
+recognised by their keys (sdlora/models/single_file_sgm.py: classify).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from pathlib import Path
 from sdlora.errors import SdloraError
 from sdlora.models.family import ModelFamily
 from sdlora.models.sd1 import SD1Family
+from sdlora.models.sdxl import SDXLFamily
 
 # One line per family, most specific first.
-FAMILIES: list[type[ModelFamily]] = [SD1Family]
+FAMILIES: list[type[ModelFamily]] = [SDXLFamily, SD1Family]
 
 
 def family_of_folder(name: str, path: Path) -> type[ModelFamily]:
@@ -24,10 +25,8 @@ def family_of_folder(name: str, path: Path) -> type[ModelFamily]:
     for family in FAMILIES:
         if family.matches(components):
             return family
-    if "text_encoder_2" in components:
-        raise SdloraError(f"{name} is an SDXL model; this version of sdlora trains SD 1.x/2.x bases")
     raise SdloraError(f"{name}: no supported model family has these components ({', '.join(sorted(components))}); "
-                      "sdlora trains SD 1.x/2.x bases")
+                      "sdlora trains SD 1.x, SD 2.x and SDXL bases")
 
 
 def __getattr__(name: str):

@@ -79,11 +79,17 @@ def make_inference_scheduler(train_config, name: str | None):
     name = name or "dpm++"
     if name not in INFERENCE_SCHEDULERS:
         raise SdloraError(f"unknown scheduler '{name}'; choose one of {', '.join(INFERENCE_SCHEDULERS)}")
-    return getattr(diffusers, INFERENCE_SCHEDULERS[name]).from_config(train_config)
+    from sdlora.models.overrides import inference_overrides
+
+    cls = INFERENCE_SCHEDULERS[name]
+    return getattr(diffusers, cls).from_config(train_config, **inference_overrides(train_config, cls))
 
 
-def load_base(base: str = "tiny", precision: str = "fp32", device: str | torch.device = "cpu") -> BaseModel:
-    """Load every component of a base in `precision`; the VAE stays fp32 under fp16 (SD VAEs overflow)."""
+def load_base(base: str = "tiny", precision: str = "fp32", device: str | torch.device = "cpu", vae: str | None = None,
+              v_prediction: bool = False, zero_terminal_snr: bool = False) -> BaseModel:
+    """Load every component of a base in `precision`; the VAE stays fp32 under fp16 (SD VAEs overflow) unless a
+    replacement `vae` declares itself fp16-safe. `v_prediction` / `zero_terminal_snr` change the noise schedule
+    (sdlora/models/overrides.py)."""
     from sdlora.models import family_of_folder
     from sdlora.models.sources import resolve_base_path
 
@@ -93,12 +99,17 @@ def load_base(base: str = "tiny", precision: str = "fp32", device: str | torch.d
     dtype = torch_dtype(precision)
     path = resolve_base_path(base)
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-    if path.is_file():
-        from sdlora.models.single_file import load_single_file
+    if path.is_file():  # SD 1.x, SD 2.x or SDXL in the original layouts, told apart by their keys
+        from sdlora.models.single_file_sgm import load_checkpoint_file
 
-        parts = load_single_file(path, dtype, vae_dtype)
+        parts = load_checkpoint_file(path, dtype, vae_dtype, "v_prediction" if v_prediction else None)
     else:
         parts = family_of_folder(base, path).load_folder(path, dtype, vae_dtype)
+    if vae or v_prediction or zero_terminal_snr:
+        from sdlora.models.overrides import configure_schedule, load_vae
+
+        parts.scheduler = configure_schedule(parts.scheduler, v_prediction, zero_terminal_snr)
+        parts.vae = load_vae(vae, parts.vae, dtype) if vae else parts.vae
     for m in (parts.unet, parts.vae, *parts.text_encoders.values()):
         m.requires_grad_(False)
         m.eval()

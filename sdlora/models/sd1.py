@@ -43,5 +43,6 @@ class SD1Family(ModelFamily):
     @classmethod
     def from_components(cls, parts: Components) -> SD1Family:
         v_pred = parts.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
-        version = "sd_v2" if parts.unet.config.cross_attention_dim == 1024 else "sd_v1"
+        gelu = parts.text_encoders["text_encoder"].config.hidden_act == "gelu"  # OpenCLIP (SD2), not CLIP's quick_gelu
+        version = "sd_v2" if parts.unet.config.cross_attention_dim == 1024 or gelu else "sd_v1"
         return cls(version, v_pred)

@@ -19,7 +19,7 @@ from sdlora.errors import SdloraError
 from sdlora.models.family import ModelFamily
 
 if TYPE_CHECKING:
-    from sdlora.models.base import BaseModel
+    from sdlora.models.base import BaseModel, Components
 
 VERSION = "sdxl_base_v1-0"
 CONFIG_DIR = Path(__file__).parents[1] / "assets" / "sdxl"  # SDXL 1.0 base's component configs, folder layout
@@ -46,38 +46,40 @@ class SDXLFamily(ModelFamily):
         return "text_encoder_2" in components
 
     @classmethod
-    def load_folder(cls, path: Path, dtype: torch.dtype, vae_dtype: torch.dtype) -> dict:
+    def load_folder(cls, path: Path, dtype: torch.dtype, vae_dtype: torch.dtype) -> Components:
         """The components of a diffusers SDXL folder (what `StableDiffusionXLPipeline.from_pretrained` reads)."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        from sdlora.models.base import Components
 
         index = read_index(path)
         if not index.get("text_encoder") or index["text_encoder"] == [None, None]:
             raise SdloraError(refiner_message(path.name))
         try:
-            parts = {
-                "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype),
-                "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype),
-                "text_encoders": {
+            parts = Components(
+                unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype),
+                vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype),
+                text_encoders={
                     "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype),
                     "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
                         path, subfolder="text_encoder_2", torch_dtype=dtype),
                 },
-                "tokenizers": {
+                tokenizers={
                     "text_encoder": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
                     "text_encoder_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
                 },
-                "scheduler": DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
-            }
+                scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+                family=cls,
+            )
         except (OSError, ValueError, KeyError) as e:
             raise SdloraError(f"could not load the SDXL base from {path}: {str(e).splitlines()[0]}") from None
-        check_parts(parts, path.name)
+        check_parts(parts.unet, parts.text_encoders, path.name)
         return parts
 
     @classmethod
-    def from_components(cls, parts) -> SDXLFamily:
-        sched = parts["scheduler"] if isinstance(parts, dict) else parts.scheduler
-        return cls(VERSION, sched.config.get("prediction_type", "epsilon") == "v_prediction")
+    def from_components(cls, parts: Components) -> SDXLFamily:
+        return cls(VERSION, parts.scheduler.config.get("prediction_type", "epsilon") == "v_prediction")
 
     # ---- the file
     @property
@@ -135,9 +137,9 @@ def refiner_message(name: str) -> str:
             "Illustrious)")
 
 
-def check_parts(parts: dict, name: str) -> None:
+def check_parts(unet, text_encoders: dict, name: str) -> None:
     """The UNet must take what the two encoders give: context width, pooled width + 6 time ids."""
-    unet, (te1, te2) = parts["unet"], parts["text_encoders"].values()
+    te1, te2 = text_encoders["text_encoder"], text_encoders["text_encoder_2"]
     context = te1.config.hidden_size + te2.config.hidden_size
     if unet.config.cross_attention_dim != context:
         raise SdloraError(f"{name}: the UNet's cross-attention width {unet.config.cross_attention_dim} is not the "

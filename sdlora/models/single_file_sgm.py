@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,6 +34,9 @@ from sdlora.models.single_file import (
     infer_unet_config,
     infer_vae_config,
 )
+
+if TYPE_CHECKING:
+    from sdlora.models.base import Components
 
 SDXL_TE1 = "conditioner.embedders.0.transformer."
 SDXL_TE2 = "conditioner.embedders.1.model."
@@ -201,8 +205,33 @@ def _open_clip_text(ckpt: dict, prefix: str, config: dict, drop_last: bool, with
 # ---------------------------------------------------------------- building the components
 
 
+def load_checkpoint_file(path: Path, dtype: torch.dtype, vae_dtype: torch.dtype,
+                         prediction_type: str | None = None) -> Components:
+    """Any single-file base: SD 1.x through sdlora.models.single_file, SDXL and SD 2.x here."""
+    if kind_of_file(path) == "sd1":
+        from sdlora.models.single_file import load_single_file
+
+        return load_single_file(path, dtype, vae_dtype)
+    return load_sgm_file(path, dtype, vae_dtype, prediction_type)
+
+
+def kind_of_file(path: Path) -> str:
+    """'sd1', 'sd2' or 'sdxl' from a safetensors header alone; torch files are opened (weights only, mapped)."""
+    check_suffix(path)
+    check_complete(path)
+    if path.suffix.lower() != ".safetensors":
+        return classify(list(_torch_load(path)), path.name)
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return classify(list(f.keys()), path.name)
+    except (SafetensorError, OSError) as e:
+        raise SdloraError(f"{path.name} is not a valid .safetensors file ({str(e).splitlines()[0]})") from None
+
+
 def load_sgm_file(path: str | Path, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
-                  prediction_type: str | None = None) -> dict:
+                  prediction_type: str | None = None) -> Components:
     """The components of an SDXL or SD 2.x single file, offline: unet, vae, text_encoders, tokenizers, scheduler.
 
     `prediction_type` (from --v-prediction) wins over what the file says; an SD2 file that says nothing is probed
@@ -215,7 +244,9 @@ def load_sgm_file(path: str | Path, dtype: torch.dtype = torch.float32, vae_dtyp
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from sdlora.models.sdxl import bundled_config
+    from sdlora.models.base import Components
+    from sdlora.models.sd1 import SD1Family
+    from sdlora.models.sdxl import SDXLFamily, bundled_config, check_parts
     from sdlora.models.tiny import SCHEDULER_CONFIG, TOKENIZER_DIR
 
     path = Path(path)
@@ -269,8 +300,10 @@ def load_sgm_file(path: str | Path, dtype: torch.dtype = torch.float32, vae_dtyp
     sched_cfg["prediction_type"] = predicted or "epsilon"
     if any(k in ckpt for k in ZTSNR_MARKERS):
         sched_cfg["rescale_betas_zero_snr"] = True
-    return {"unet": unet, "vae": vae, "text_encoders": text_encoders, "tokenizers": tokenizers,
-            "scheduler": DDPMScheduler.from_config(sched_cfg), "kind": kind}
+    if sdxl:
+        check_parts(unet, text_encoders, path.name)
+    return Components(unet, vae, text_encoders, tokenizers, DDPMScheduler.from_config(sched_cfg),
+                      SDXLFamily if sdxl else SD1Family)
 
 
 def _with_text_model(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -291,12 +324,3 @@ def probe_v_prediction(unet) -> bool:
     return float((out.float() - x.float()).mean()) < -1
 
 
-def is_sgm_path(path: Path) -> bool:
-    """Whether a single file is SDXL/SD2 (this module) rather than SD1 (sdlora.models.single_file): header only."""
-    if path.suffix.lower() != ".safetensors":
-        return False
-    from safetensors import safe_open
-
-    check_complete(path)
-    with safe_open(str(path), "pt") as f:
-        return classify(list(f.keys()), path.name) != "sd1"

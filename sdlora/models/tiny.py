@@ -67,11 +67,15 @@ SHIPPED_DIR = Path(__file__).parents[1] / "assets" / "tiny-base"
 
 
 # `--base NAME` -> the folder shipped in the package
-TINY_BASES = {"tiny": SHIPPED_DIR}
+TINY_BASES = {"tiny": SHIPPED_DIR, "tiny-xl": Path(__file__).parents[1] / "assets" / "tiny-xl-base"}
 
 
 def tiny_base_dir(name: str = "tiny") -> Path:
     """A pretrained tiny base shipped in the package (scripts/build_tiny_base.py made it)."""
+    if name == "tiny-xl":  # until its GPU build has run, it says so (sdlora/models/tiny_xl.py)
+        from sdlora.models.tiny_xl import tiny_xl_base_dir
+
+        return tiny_xl_base_dir()
     folder = TINY_BASES[name]
     if not (folder / "model_index.json").exists():
         from sdlora.errors import SdloraError

@@ -34,6 +34,7 @@ from sdlora.training.setup import (
     pick_device,
     pick_precisions,
     set_attention,
+    te_lr,
     use_cuda_graph,
 )
 from sdlora.training.step import MicroBatch, to_device
@@ -73,7 +74,7 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the peak reported covers the whole run, caching included
     accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
-    base = load_base(cfg.base, weight_precision, device)
+    base = load_base(cfg.base, weight_precision, device, cfg.vae, cfg.v_prediction, cfg.zero_terminal_snr)
     cfg = apply_base_defaults(cfg, base.path)
     attention = set_attention(base, cfg.attention, warn)
     resolution = cfg.resolution or base.resolution
@@ -83,16 +84,18 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     base.vae.to("cpu")  # not needed while training; frees GPU memory (sampling moves it back)
     batch_size = clamp_batch_size(cfg.batch_size, sum(e.item.repeats for e in examples), warn)
 
-    unet_hosts, te_hosts = inject_lora(base.unet, base.text_encoders, base.family.te_prefixes, cfg.network(), cfg.seed)
+    te_prefixes = {p: k for p, k in base.family.te_prefixes.items() if te_lr(cfg, p) != 0}  # lr 0: no LoRA there
+    unet_hosts, te_hosts = inject_lora(base.unet, base.text_encoders, te_prefixes, cfg.network(), cfg.seed)
     params = trainable_parameters(unet_hosts) + trainable_parameters(te_hosts)
     info(f"LoRA rank {cfg.rank} on {len(unet_hosts)} UNet + {len(te_hosts)} text-encoder modules "
          f"({sum(p.numel() for p in params):,} trainable parameters), attention: {attention}")
     captions = sorted({e.item.caption for e in examples + val_examples})
-    cond = Conditioning(base, captions, cfg.sample_prompt, cfg.text_encoder, device)
+    cond = Conditioning(base, captions, cfg.sample_prompt, cfg.text_encoder and bool(te_hosts), device)
 
     n_batches = len(epoch_batches(examples, batch_size, cfg.seed, 0))
     total = cfg.steps or math.ceil(cfg.epochs * n_batches / cfg.grad_accum)
-    optimizer = accelerator.prepare(make_optimizer(cfg, trainable_parameters(unet_hosts), trainable_parameters(te_hosts),
+    te_params = {p: trainable_parameters([h for h in te_hosts if h.kohya_name.startswith(p + "_")]) for p in te_prefixes}
+    optimizer = accelerator.prepare(make_optimizer(cfg, trainable_parameters(unet_hosts), te_params,
                                                    device, use_cuda_graph(cfg, device, mp)))
     lr_sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=total)
     step, started, ema, session, best_val = 0, time.time(), None, str(random.randrange(2**31)), math.inf

@@ -53,15 +53,21 @@ def set_attention(base: BaseModel, attention: str, warn: Callable[[str], None]) 
         return "sdpa"
 
 
-def te_lr(cfg: TrainConfig) -> float:
+def te_lr(cfg: TrainConfig, prefix: str | None = None) -> float:
+    """A text encoder's LoRA learning rate; SDXL's two may differ (--te1-lr / --te2-lr, 0 = no LoRA there)."""
+    own = {"lora_te1": cfg.te1_lr, "lora_te2": cfg.te2_lr}.get(prefix or "")
+    if own is not None:
+        return own
     return cfg.te_lr if cfg.te_lr is not None else cfg.unet_lr / 2
 
 
-def make_optimizer(cfg: TrainConfig, unet_params: list, te_params: list, device: torch.device, capturable: bool = False):
-    """AdamW (fused on GPUs). `capturable`: learning rates live on the GPU so a CUDA graph sees the schedule."""
+def make_optimizer(cfg: TrainConfig, unet_params: list, te_params: list | dict[str, list], device: torch.device,
+                   capturable: bool = False):
+    """AdamW (fused on GPUs). `capturable`: learning rates live on the GPU so a CUDA graph sees the schedule.
+    `te_params` may be split by kohya prefix, one group (and learning rate) per text encoder."""
     groups = [{"params": unet_params, "lr": cfg.unet_lr}]
-    if te_params:
-        groups.append({"params": te_params, "lr": te_lr(cfg)})
+    by_prefix = te_params if isinstance(te_params, dict) else {None: te_params}
+    groups += [{"params": ps, "lr": te_lr(cfg, prefix)} for prefix, ps in by_prefix.items() if ps]
     if capturable:
         for g in groups:  # initial_lr stays a float, so the scheduler computes on the host and never syncs
             g["initial_lr"], g["lr"] = g["lr"], torch.tensor(g["lr"], dtype=torch.float32, device=device)
