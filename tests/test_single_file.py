@@ -252,11 +252,11 @@ def test_weights_only_ckpt_loads_from_shapes_alone(tmp_path):
         "alphas_cumprod": torch.ones(1000), "model_ema.decay": torch.tensor(0.9999)}
     torch.save({"state_dict": state, "global_step": 7, "epoch": "1"}, path)
     loaded = load_single_file(path)
-    for a, b in [(unet, loaded.unet), (vae, loaded.vae), (te, loaded.text_encoder)]:
+    for a, b in [(unet, loaded.unet), (vae, loaded.vae), (te, loaded.text_encoders["text_encoder"])]:
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert _public(loaded.unet.config) == _public(unet.config) and _public(loaded.vae.config) == _public(vae.config)
-    assert loaded.text_encoder.config.num_attention_heads == 1
+    assert loaded.text_encoders["text_encoder"].config.num_attention_heads == 1
 
 
 def test_text_renamed_safetensors_is_refused(tmp_path):

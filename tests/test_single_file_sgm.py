@@ -182,6 +182,10 @@ def test_half_downloaded_file_is_named_as_such(sdxl_file, tmp_path):
     stub.write_bytes(sdxl_file.read_bytes()[:100])
     with pytest.raises(SdloraError, match="cut short"):
         read_any(stub)
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("not tensors at all\n" * 4)
+    with pytest.raises(SdloraError, match="not a valid .safetensors file"):
+        read_any(notes)
 
 
 def test_classify_tells_the_three_families_apart():

@@ -95,10 +95,14 @@ def check_complete(path: Path) -> None:
     size = path.stat().st_size
     if path.suffix.lower() == ".safetensors":
         with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            raw = f.read(n) if 0 < n < 100_000_000 else b""
-        if n <= 0 or len(raw) < n:
+            head = f.read(9)
+            n = int.from_bytes(head[:8], "little")
+            raw = head[8:] + f.read(n - 1) if len(head) == 9 and head[8:] == b"{" and n < 100_000_000 else b""
+        if len(head) < 9:
+            raise SdloraError(f"{path.name} is cut short ({size:,} bytes): a download that stopped early? Download it again")
+        if not raw:
+            raise SdloraError(f"{path.name} is not a valid .safetensors file (no safetensors header)")
+        if len(raw) < n:
             raise SdloraError(f"{path.name} is cut short ({size:,} bytes, not even a whole safetensors header): "
                               "a download that stopped early? Download it again")
         try:
