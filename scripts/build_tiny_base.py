@@ -380,9 +380,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="toy sizes (a few images and steps) to check the builder on a CPU")
     args = ap.parse_args()
     if args.smoke:
-        args.vae_images, args.vae_steps, args.unet_images, args.unet_steps, args.unet_batch = 16, 2, 32, 3, 4
+        args.vae_images, args.vae_steps, args.unet_images, args.unet_steps, args.unet_batch = 16, 2, 16, 2, 2
         args.checker_scenes, args.checker_steps, args.checker_batch = 8, 2, 8
-        args.eval_prompts, args.eval_steps, args.warmup, args.workers = 2, 2, 1, 1
+        args.eval_prompts, args.eval_steps, args.warmup, args.workers = 1, 2, 1, 1
     args.size = SIZE
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
