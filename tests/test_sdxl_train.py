@@ -75,8 +75,9 @@ def test_sdxl_lora_trains_through_sdlora_train(encoders, sdxl_dir, sdxl_lora, st
     # fixture depths (1, 1, 2), 2 layers per block: transformer blocks down 2 + 4, mid 2, up 6 + 3 = 17, in 11
     # Transformer2DModels; all-linear = 10 per block (attn1/attn2 q/k/v/out, ff x2) + proj_in/out per model
     assert UNET["transformer_layers_per_block"] == [1, 1, 2] and len(unet) == 17 * 10 + 11 * 2
-    assert len(te1) == (4 * TEXT_1["num_hidden_layers"] if encoders == "both" else 0)
-    assert len(te2) == (4 * TEXT_2["num_hidden_layers"] if encoders != "none" else 0)
+    # all-linear takes kohya's whole text-encoder set: q/k/v/out + fc1/fc2 per layer
+    assert len(te1) == (6 * TEXT_1["num_hidden_layers"] if encoders == "both" else 0)
+    assert len(te2) == (6 * TEXT_2["num_hidden_layers"] if encoders != "none" else 0)
     assert names == unet | te1 | te2 and not any(n.startswith("lora_te_") for n in names)
     trained = [n for n in te2 | unet if tensors[f"{n}.lora_up.weight"].abs().sum() > 0]
     assert len(trained) > len(unet) // 2  # three steps move the up matrices away from their zero start
