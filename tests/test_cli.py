@@ -189,7 +189,7 @@ def _case_toml_wrong_type(tmp: Path):
 
 def _case_bad_lora_spec(tmp: Path):
     return ["generate", "--prompt", "x", "--lora", ":0.5", "--steps", 1, "--output", tmp / "img"], [
-        "--lora ':0.5'", "FILE[:STRENGTH[:TE_STRENGTH]]"]
+        "--lora ':0.5'", "no file given", "FILE:STRENGTH:TE_STRENGTH"]
 
 
 def _case_missing_prompt_tag(tmp: Path):

@@ -274,3 +274,25 @@ def test_eval_progress_bar_shows_time_left(capsys, tmp_path):
     assert rc == 0, err
     assert "eval: 2 images" in err and "0/4 steps, image 1/2" in err and "4/4 steps, image 2/2" in err and " left]" in err
     assert (tmp_path / "e" / "grid.png").exists()
+
+
+# ---------------------------------------------------------------- item 5: strength errors say what is wrong
+
+
+@pytest.mark.parametrize("suffix, needle", [(":abc", "bad strength 'abc'"), (":1:2:3:4", "too many strengths"),
+                                            (":", "empty strength after ':'"), (":0.5x", "bad strength '0.5x'"),
+                                            (":1e400", "strength '1e400' is not a finite number")])
+def test_bad_strengths_name_the_strength_and_the_forms(capsys, tmp_path, suffix, needle):
+    good = tiny_lora(tmp_path / "good.safetensors")
+    rc, _, err = run(capsys, "generate", "--prompt", "x", "--steps", 1, "--lora", f"{good}{suffix}", "--output", tmp_path / "i")
+    line = one_error_line(rc, err, needle, "FILE:STRENGTH:TE_STRENGTH")
+    assert "not found" not in line
+
+
+def test_prompt_tag_multipliers_must_be_finite_numbers(capsys, tmp_path):
+    tiny_lora(tmp_path / "style.safetensors")
+    for tag, needle in (("<lora:style:inf>", "not a finite number"), ("<lora:style:1:2:3>", "bad prompt tag"),
+                        ("<lora:style:abc>", "multipliers are numbers")):
+        rc, _, err = run(capsys, "generate", "--prompt", f"a circle {tag}", "--lora-dir", tmp_path, "--steps", 1,
+                         "--output", tmp_path / "i")
+        one_error_line(rc, err, tag, needle)

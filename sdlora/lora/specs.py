@@ -22,19 +22,43 @@ class LoraSpec:
     te_strength: float | None = None  # None: same as strength
 
 
-def parse_lora_spec(text: str) -> LoraSpec:
-    """`FILE[:STRENGTH[:TE_STRENGTH]]`; numbers are peeled off the right so `C:\\x.safetensors` works."""
+SPEC_FORMS = "FILE, FILE:STRENGTH or FILE:STRENGTH:TE_STRENGTH (numbers, e.g. style.safetensors:0.8 or style.safetensors:1:0.5)"
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_lora_spec(text: str, option: str = "--lora") -> LoraSpec:
+    """`FILE[:STRENGTH[:TE_STRENGTH]]`; numbers are peeled off the right so `C:\\x.safetensors` works.
+
+    A colon part that is not a number and not part of a path (no slash, no extension) is a mistyped strength: it is
+    reported as one, with the accepted forms, rather than as a missing file named `FILE:abc`.
+    """
+    if Path(text).is_file():  # a file whose name holds colons
+        return LoraSpec(text)
     parts = text.split(":")
     nums: list[float] = []
-    while len(parts) > 1 and len(nums) < 2:
-        try:
-            nums.insert(0, float(parts[-1]))
-        except ValueError:
-            break
+    while len(parts) > 1 and len(nums) < 2 and (n := _number(parts[-1])) is not None:
+        nums.insert(0, n)
         parts.pop()
     path = ":".join(parts)
     if not path:
-        raise SdloraError(f"--lora '{text}': expected FILE[:STRENGTH[:TE_STRENGTH]]")
+        raise SdloraError(f"{option} '{text}': no file given; expected {SPEC_FORMS}")
+    if len(parts) > 1 and not Path(path).is_file():
+        tail = parts[-1]
+        if _number(tail) is not None:
+            raise SdloraError(f"{option} '{text}': too many strengths (at most two numbers after the file); expected {SPEC_FORMS}")
+        if not tail:
+            raise SdloraError(f"{option} '{text}': empty strength after ':'; expected {SPEC_FORMS}")
+        if not re.search(r"[/\\\\]|\.[A-Za-z]\w*$", tail):  # not the end of a path such as "my:file.safetensors"
+            raise SdloraError(f"{option} '{text}': bad strength '{tail}'; expected {SPEC_FORMS}")
+    for value, raw in zip(nums, text.split(":")[len(parts):]):
+        if not math.isfinite(value):
+            raise SdloraError(f"{option} '{text}': strength '{raw}' is not a finite number; expected {SPEC_FORMS}")
     return LoraSpec(path, nums[0] if nums else 1.0, nums[1] if len(nums) > 1 else None)
 
 
@@ -52,11 +76,16 @@ def extract_prompt_loras(prompt: str, lora_dir: str | Path | None) -> tuple[str,
         name, rest = m.group(1).strip(), [p.strip() for p in m.group(2).split(":")[1:]]
         named = {p.split("=", 1)[0]: p.split("=", 1)[1] for p in rest if "=" in p}
         positional = [p for p in rest if "=" not in p]
+        if len(positional) > 2 or set(named) - {"te", "unet"}:
+            raise SdloraError(f"bad prompt tag {m.group(0)}: expected <lora:NAME>, <lora:NAME:MULT>, <lora:NAME:TE:UNET> "
+                              "or te=/unet= multipliers")
         try:
             te = float(named.get("te", positional[0] if positional else 1.0))
             unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
         except ValueError:
-            raise SdloraError(f"bad multiplier in prompt tag {m.group(0)}") from None
+            raise SdloraError(f"bad multiplier in prompt tag {m.group(0)}: multipliers are numbers, e.g. <lora:{name}:0.8>") from None
+        if not (math.isfinite(te) and math.isfinite(unet)):
+            raise SdloraError(f"bad multiplier in prompt tag {m.group(0)}: not a finite number")
         specs.append(LoraSpec(str(find_lora(name, lora_dir)), unet, te))
     clean = re.sub(r"\s*,\s*,", ",", LORA_TAG.sub("", prompt)).strip(" ,")
     return clean, specs
