@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -121,13 +123,13 @@ def test_meta_failure_leaves_the_file_untouched(trained_lora, tmp_path, monkeypa
     shutil.copy(trained_lora, path)
     original = path.read_bytes()
 
-    def boom(*_a, **_k):
-        raise OSError("disk full")
+    def boom(tmp, *_a, **_k):  # the disk fills up once the new file is written, before it replaces the old one
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
 
-    monkeypatch.setattr("sdlora.formats.header.shutil.copyfileobj", boom)
-    with pytest.raises(OSError, match="disk full"):
-        main(["meta", str(path), "--set", "title=x"])
-    assert path.read_bytes() == original and [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+    monkeypatch.setattr("sdlora.formats.header._keep_mode_and_owner", boom)
+    rc, _, err = _run(capsys, "meta", str(path), "--set", "title=x")
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("sdlora: error: cannot access ") and "No space left" in err
+    assert path.read_bytes() == original and [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temp, no lock
     monkeypatch.undo()
 
     for argv, msg in ((["--set", "colour=red"], "unknown metadata key 'colour'"),
