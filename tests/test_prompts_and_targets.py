@@ -101,6 +101,7 @@ def test_all_linear_means_kohyas_full_set_with_the_text_encoder_mlp(tmp_path):
     assert mk(targets="all-linear", te_mlp=False).te_mlp is False  # --no-te-mlp still wins
     assert mk(targets="attn", te_mlp=True).te_mlp is True
     assert mk().te_mlp is True  # the tiny base recommends all-linear
+    assert make_config(None, images="i", targets="all-linear").network().te_mlp  # before the base's defaults too
 
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel

@@ -107,9 +107,12 @@ class TrainConfig:
     def network(self) -> NetworkSpec:
         """The network's shape, as injection builds it and the file's metadata records it."""
         from sdlora.lora.spec import NetworkSpec  # lazily: `sdlora --help` reads this module without torch
+        from sdlora.lora.targets import parse_targets
 
-        return NetworkSpec(self.rank, self.alpha, self.conv_rank, self.conv_alpha, self.targets or "cross-attn",
-                           self.text_encoder, self.te_mlp, self.lora_init)
+        targets = self.targets or "cross-attn"
+        te_mlp = self.te_mlp if self.te_mlp is not None else "all-linear" in parse_targets(targets)  # kohya's full set
+        return NetworkSpec(self.rank, self.alpha, self.conv_rank, self.conv_alpha, targets, self.text_encoder, te_mlp,
+                           self.lora_init)
 
     def conv_dims(self) -> tuple[int, float]:
         """(rank, alpha) of kxk conv LoRAs; without --conv-rank they behave like every other layer."""
