@@ -77,5 +77,10 @@ class NameTable:
             return "unet", self.unet_path(rest)
         return COMPONENTS[prefix], canonical_te_path(undotted_path(rest))
 
+    def canonical(self, name: str) -> str:
+        """The name this family's files use for the module `name` denotes (an SGM name for a diffusers-path one)."""
+        prefix, rest = split_prefix(name)
+        return self.unet_name(self.unet_path(rest)) if prefix == self.unet_prefix else name
+
 
 SD1_NAMES = NameTable()
