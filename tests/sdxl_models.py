@@ -61,11 +61,16 @@ def small_sdxl(seed: int = 0) -> dict:
     return parts
 
 
+def _copies(parts: dict) -> dict:
+    """Deep copies of the models; the tokenizers (read-only, slow to copy) are shared."""
+    return {k: v if k.startswith("tokenizer") else copy.deepcopy(v) for k, v in parts.items()}
+
+
 def sdxl_pipeline(parts: dict):
     """diffusers' StableDiffusionXLPipeline over deep copies of `parts` (what diffusers' loader may modify)."""
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline(**{k: copy.deepcopy(v) for k, v in parts.items()})
+    pipe = StableDiffusionXLPipeline(**_copies(parts))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -89,7 +94,7 @@ def sdxl_base(parts: dict, name: str = "small-sdxl"):
         def names(self) -> SgmNameTable:
             return SgmNameTable.from_unet_config(SMALL_UNET)
 
-    p = {k: copy.deepcopy(v) for k, v in parts.items()}
+    p = _copies(parts)
     return BaseModel(name=name, path=Path(name), family=SmallXL("sdxl_base_v1-0", False), unet=p["unet"], vae=p["vae"],
                      text_encoders={"text_encoder": p["text_encoder"], "text_encoder_2": p["text_encoder_2"]},
                      tokenizers={"text_encoder": p["tokenizer"], "text_encoder_2": p["tokenizer_2"]},

@@ -24,6 +24,16 @@ from sdlora.lora.targets import text_encoder_targets, unet_targets, uses_conv_ra
 from .sdxl_models import SMALL_UNET, meta_sdxl, outputs, sdxl_base, sdxl_pipeline, small_sdxl
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The small model's layers are far too small for a second thread to pay its synchronisation (on a busy
+    2-core machine a forward pass took 40 s with two threads, 0.5 s with one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def meta():
     return meta_sdxl()
@@ -166,6 +176,24 @@ def test_names_are_kohyas_rule_on_the_real_layout(meta):
     for t in targets:
         assert t.kohya_name == "lora_unet_" + _kohya_sdxl_prefix(t.module_path).replace(".", "_"), t.module_path
         assert SDXL_NAMES.module_path(t.kohya_name) == ("unet", t.module_path)
+
+
+def test_training_injection_names_modules_like_kohya(parts):
+    """What training writes for an SDXL-architecture family: inject_lora with the family's table, then the pairs
+    collected for the file carry kohya's SGM names, one per targeted layer."""
+    from sdlora.lora.inject import inject_lora, lora_weights
+    from sdlora.lora.spec import NetworkSpec
+
+    base = sdxl_base(parts)
+    spec = NetworkSpec(rank=2, targets="all-linear,conv", te_mlp=True)
+    unet_hosts, te_hosts = inject_lora(base.unet, base.text_encoders, base.family.te_prefixes, spec, seed=0,
+                                       names=base.family.names)
+    written = set(lora_weights(unet_hosts + te_hosts))
+    kohya = {"lora_unet_" + _kohya_sdxl_prefix(t.module_path).replace(".", "_")
+             for t in unet_targets(parts["unet"], "all-linear,conv")}
+    kohya |= {t.kohya_name for t in text_encoder_targets(parts["text_encoder"], "lora_te1", True)}
+    kohya |= {t.kohya_name for t in text_encoder_targets(parts["text_encoder_2"], "lora_te2", True)}
+    assert written == kohya and len(written) == 397
 
 
 LAYOUTS = {
@@ -337,9 +365,16 @@ def test_inspect_an_sdxl_file(xl_file, capsys):
     assert "architecture: sdxl (SDXL key names" in capsys.readouterr().out
 
 
-def test_convert_sdxl_to_diffusers_and_back(parts, xl_file, xl_ours, tmp_path):
+def test_convert_sdxl_to_diffusers_and_back(parts, xl_file, xl_ours, tmp_path, capsys):
     diff, back = tmp_path / "d.safetensors", tmp_path / "k.safetensors"
     assert main(["convert", str(xl_file), "--to", "diffusers", "--output", str(diff)]) == 0
+    capsys.readouterr()
+    reports = []
+    for f in (xl_file, diff):  # inspect groups the diffusers-layout file by SGM blocks too
+        assert main(["inspect", str(f), "--json"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert reports[1]["architecture"] == "sdxl" and reports[1]["format"] == "peft/diffusers LoCon"
+    assert reports[1]["targets"] == reports[0]["targets"]
     keys = safetensors.torch.load_file(diff).keys()
     assert all(k.startswith(("unet.", "text_encoder.text_model.", "text_encoder_2.text_model.")) for k in keys)
     assert any(k.startswith("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.") for k in keys)
@@ -400,7 +435,7 @@ def test_files_for_the_other_family_are_refused_with_the_reason(parts, xl_file, 
         torch.ones(4, 768), torch.ones(64, 4), 4.0)}, {})
     with pytest.raises(SdloraError, match=r"take a 768-wide text context, SD 1.x, the base small-sdxl \(SDXL\) gives 96"):
         LoraMixer(sdxl_base(parts)).load(unet_only)
-    from sdlora.lora.mixer import LoraSpec
+    from sdlora.lora.specs import LoraSpec
     from sdlora.tools.merge import merge_loras
 
     no_meta = tmp_path / "sd1_no_meta.safetensors"

@@ -4,7 +4,7 @@ kohya names a module by a prefix (`lora_unet`, `lora_te`, `lora_te1`, `lora_te2`
 into '_' (`lora_unet_down_blocks_0_attentions_0_proj_in`). Text-encoder paths keep transformers 4's `text_model.`
 level, which transformers 5 dropped. Reading a name back needs to know which '_' were dots: `COMPOUNDS` lists the
 path tokens that contain '_' themselves. A family whose kohya names are not its diffusers paths (SDXL names its UNet
-by the original SGM layout) subclasses `NameTable`.
+by the original SGM layout) subclasses `NameTable` (`SgmNameTable` in names_sdxl.py).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ from sdlora.errors import SdloraError
 from sdlora.formats.deltas import DeltaWeights
 from sdlora.formats.detect import LABELS, canonical_modules, context_width, guess_architecture, sdxl_by_names
 from sdlora.formats.kohya import AdapterFile, load_adapter
-from sdlora.formats.names import SD1_NAMES, NameTable
+from sdlora.formats.names import NameTable
+from sdlora.formats.names_sdxl import SgmNameTable
 from sdlora.lora.layer import DeltaAdapter, LoraAdapter, LoraHost
 from sdlora.lora.specs import check_strengths
 from sdlora.lora.targets import all_lora_layers, ensure_host
@@ -32,7 +33,7 @@ class LoraMixer:
 
     @property
     def names(self) -> NameTable:
-        return getattr(self.base.family, "names", SD1_NAMES)
+        return self.base.family.names
 
     def _layers(self) -> dict[str, tuple[torch.nn.Module, str, torch.nn.Module, bool]]:
         layers = {}
@@ -171,7 +172,7 @@ def _base_label(base: BaseModel) -> str:
 def _check_family(adapter: AdapterFile, base: BaseModel, label: str) -> None:
     """Refuse a file made for another family with the reason: an SD 1.x LoRA shares some layer shapes with SDXL
     (640-wide self-attention), so matching shapes alone would apply a fraction of it and call that a success."""
-    base_xl = base.family.version.startswith("sdxl")
+    base_xl = "lora_te1" in base.family.te_prefixes or isinstance(base.family.names, SgmNameTable)  # SDXL's naming
     by_names = sdxl_by_names(adapter)
     if by_names is not None and by_names != base_xl:
         kind = ("an SDXL LoRA (lora_te1/lora_te2 or SGM block names)" if by_names

@@ -4,7 +4,8 @@ The diffusers layout is what `pipe.load_lora_weights` reads natively: `unet.<mod
 `lora_B.weight`, text encoders under `text_encoder.text_model...`, and the per-module ranks and alphas in the
 `lora_adapter_metadata` entry (peft's LoraConfig per component, with rank_pattern/alpha_pattern for the modules that
 differ from the most common value), so no alpha is folded into the weights and kohya -> diffusers -> kohya is exact.
-LoHa/LoKr/DoRA and other full-delta types have no lora_A/lora_B form and are refused.
+LoHa/LoKr/DoRA and other full-delta types have no lora_A/lora_B form and are refused. SDXL files go through SDXL's
+name table (formats/names_sdxl.py): kohya output names the UNet by SGM paths, diffusers output by diffusers paths.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import safetensors.torch
 
-from sdlora.formats.detect import guess_architecture
+from sdlora.formats.detect import guess_architecture, names_for
 from sdlora.formats.header import read_header
 from sdlora.formats.kohya import AdapterFile, ModuleWeights, load_adapter, tensor_data_sha256, tensor_hashes
 
@@ -120,7 +120,8 @@ def inspect_adapter(path: str | Path) -> dict[str, object]:
     all_modules = {**adapter.modules, **adapter.deltas}
     ranks = [w.rank for w in all_modules.values() if w.rank is not None]
     alphas = [w.alpha for w in all_modules.values() if w.alpha is not None]
-    blocks = Counter(block_of(n) for n in all_modules)
+    names = names_for(adapter)  # an SDXL file's blocks by SGM names, whichever path form the file uses
+    blocks = Counter(block_of(names.canonical(n)) for n in all_modules)
     zero = sorted(n for n, w in all_modules.items() if _is_zero(w))
     arch, evidence = guess_architecture(adapter)
     trigger = meta.get("modelspec.trigger_phrase")
