@@ -79,8 +79,12 @@ def training_metadata(
     clip_skip: int | None = None,
     session_id: str | None = None,
     cache_latents: bool = False,
+    zero_terminal_snr: bool = False,
 ) -> dict[str, str]:
     """Metadata for one saved adapter. `resolution` is (width, height).
+
+    A v-prediction base keeps its modelspec architecture (SDXL has no v variant there, as in kohya's
+    sai_model_spec) and says so in `modelspec.prediction_type` "v"; SD 2.x's 768-v is the one separate name.
 
     `ss_*` values are `str(value)` exactly as kohya writes them (so None becomes "None" and booleans "True"/"False");
     optional `modelspec.*` keys are left out when their value is None, as sai_model_spec does.
@@ -121,6 +125,7 @@ def training_metadata(
         "ss_optimizer": optimizer,
         "ss_seed": seed,
         "ss_noise_offset": noise_offset,
+        "ss_zero_terminal_snr": zero_terminal_snr,
         "ss_min_snr_gamma": min_snr_gamma,
         "ss_prior_loss_weight": 1.0,
         "ss_resolution": (width, height),

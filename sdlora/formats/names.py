@@ -4,7 +4,7 @@ kohya names a module by a prefix (`lora_unet`, `lora_te`, `lora_te1`, `lora_te2`
 into '_' (`lora_unet_down_blocks_0_attentions_0_proj_in`). Text-encoder paths keep transformers 4's `text_model.`
 level, which transformers 5 dropped. Reading a name back needs to know which '_' were dots: `COMPOUNDS` lists the
 path tokens that contain '_' themselves. A family whose kohya names are not its diffusers paths (SDXL names its UNet
-by the original SGM layout) subclasses `NameTable`.
+by the original SGM layout) subclasses `NameTable` (`SgmNameTable` in names_sdxl.py).
 """
 
 from __future__ import annotations
@@ -76,6 +76,11 @@ class NameTable:
         if prefix == self.unet_prefix:
             return "unet", self.unet_path(rest)
         return COMPONENTS[prefix], canonical_te_path(undotted_path(rest))
+
+    def canonical(self, name: str) -> str:
+        """The name this family's files use for the module `name` denotes (an SGM name for a diffusers-path one)."""
+        prefix, rest = split_prefix(name)
+        return self.unet_name(self.unet_path(rest)) if prefix == self.unet_prefix else name
 
 
 SD1_NAMES = NameTable()

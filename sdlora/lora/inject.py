@@ -7,6 +7,7 @@ from torch import nn
 
 from sdlora.errors import SdloraError
 from sdlora.formats.kohya import ModuleWeights
+from sdlora.formats.names import SD1_NAMES, NameTable
 from sdlora.lora.layer import LoraAdapter, LoraHost
 from sdlora.lora.spec import NetworkSpec
 from sdlora.lora.targets import ensure_host, text_encoder_targets, unet_targets, uses_conv_rank
@@ -15,15 +16,16 @@ TRAIN_ADAPTER = "trainee"
 
 
 def inject_lora(unet: nn.Module, text_encoders: dict[str, nn.Module], te_prefixes: dict[str, str], spec: NetworkSpec,
-                seed: int, conv_flag: str = "--conv-rank") -> tuple[list[LoraHost], list[LoraHost]]:
+                seed: int, conv_flag: str = "--conv-rank",
+                names: NameTable = SD1_NAMES) -> tuple[list[LoraHost], list[LoraHost]]:
     """Wrap the targeted layers and add the trainable adapter; returns (UNet hosts, text-encoder hosts).
 
     `te_prefixes` maps kohya prefixes to keys of `text_encoders` (the family's); it is empty-handed when the
-    spec trains no text encoder.
+    spec trains no text encoder. `names` is the family's kohya name table (SDXL names its UNet by SGM paths).
     """
     torch.manual_seed(seed)  # the down-matrix init is part of what the seed fixes
     groups: tuple[list[LoraHost], list[LoraHost]] = ([], [])
-    targets = unet_targets(unet, spec.targets)
+    targets = unet_targets(unet, spec.targets, names)
     if spec.text_encoder:
         for prefix, key in te_prefixes.items():
             targets += text_encoder_targets(text_encoders[key], prefix, spec.te_mlp)

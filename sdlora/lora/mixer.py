@@ -11,7 +11,10 @@ import torch
 
 from sdlora.errors import SdloraError
 from sdlora.formats.deltas import DeltaWeights
+from sdlora.formats.detect import LABELS, canonical_modules, context_width, guess_architecture, sdxl_by_names
 from sdlora.formats.kohya import AdapterFile, load_adapter
+from sdlora.formats.names import NameTable
+from sdlora.formats.names_sdxl import SgmNameTable
 from sdlora.lora.layer import DeltaAdapter, LoraAdapter, LoraHost
 from sdlora.lora.specs import check_strengths
 from sdlora.lora.targets import all_lora_layers, ensure_host
@@ -28,9 +31,13 @@ class LoraMixer:
         self.loaded: dict[str, list[LoraHost]] = {}
         self._te_hosts: set[int] = set()
 
+    @property
+    def names(self) -> NameTable:
+        return self.base.family.names
+
     def _layers(self) -> dict[str, tuple[torch.nn.Module, str, torch.nn.Module, bool]]:
         layers = {}
-        for name, (path, mod) in all_lora_layers(self.base.unet, "lora_unet", te=False).items():
+        for name, (path, mod) in all_lora_layers(self.base.unet, "lora_unet", False, self.names).items():
             layers[name] = (self.base.unet, path, mod, False)
         for prefix, key in self.base.family.te_prefixes.items():
             te = self.base.text_encoders[key]
@@ -51,6 +58,8 @@ class LoraMixer:
         while name in self.loaded:
             i += 1
             name = f"{base_name}_{i}"
+        _check_family(adapter, self.base, label)
+        adapter = canonical_modules(adapter, self.names)  # SDXL files may name UNet modules by diffusers paths
         layers = self._layers()
         fits, misfits = [], []
         for key, w in [*adapter.modules.items(), *adapter.deltas.items()]:
@@ -63,7 +72,7 @@ class LoraMixer:
         if not fits:
             raise SdloraError(
                 f"{label} does not fit this base ({self.base.family.version}): 0 of {total} modules match"
-                f"{_arch_hint(misfits)}; unmatched e.g. {', '.join(misfits[:3])}"
+                f"{_arch_hint(adapter)}; unmatched e.g. {', '.join(misfits[:3])}"
             )
         if misfits:
             shown = ", ".join(misfits[:10]) + (f" and {len(misfits) - 10} more" if len(misfits) > 10 else "")
@@ -156,8 +165,29 @@ def _shape_fits(base: torch.nn.Module, down: torch.Tensor, up: torch.Tensor) -> 
     return False
 
 
-def _arch_hint(keys: list[str]) -> str:
-    joined = " ".join(keys)
-    if re.search(r"lora_te[12]_|input_blocks_|output_blocks_|middle_block_", joined):
-        return " (the keys look like an SDXL LoRA)"
-    return ""
+def _base_label(base: BaseModel) -> str:
+    return "SDXL" if base.family.version.startswith("sdxl") else LABELS.get(base.family.version, base.family.version)
+
+
+def _check_family(adapter: AdapterFile, base: BaseModel, label: str) -> None:
+    """Refuse a file made for another family with the reason: an SD 1.x LoRA shares some layer shapes with SDXL
+    (640-wide self-attention), so matching shapes alone would apply a fraction of it and call that a success."""
+    base_xl = "lora_te1" in base.family.te_prefixes or isinstance(base.family.names, SgmNameTable)  # SDXL's naming
+    by_names = sdxl_by_names(adapter)
+    if by_names is not None and by_names != base_xl:
+        kind = ("an SDXL LoRA (lora_te1/lora_te2 or SGM block names)" if by_names
+                else "an SD 1.x/2.x LoRA (one text encoder: lora_te_ keys)")
+        raise SdloraError(f"{label} does not fit this base: it is {kind} and the base {base.name} is "
+                          f"{_base_label(base)}; use a LoRA trained for an {_base_label(base)} base "
+                          f"(its modules: {', '.join([*adapter.modules, *adapter.deltas][:3])}, ...)")
+    width, ctx = context_width(adapter), getattr(base.unet.config, "cross_attention_dim", None)
+    if width is not None and isinstance(ctx, int) and width != ctx:
+        arch = guess_architecture(adapter)[0]
+        made_for = f", {LABELS[arch]}" if arch in LABELS else ""
+        raise SdloraError(f"{label} does not fit this base: its cross-attention LoRAs take a {width}-wide text context"
+                          f"{made_for}, the base {base.name} ({_base_label(base)}) gives {ctx}")
+
+
+def _arch_hint(adapter: AdapterFile) -> str:
+    arch, evidence = guess_architecture(adapter)
+    return f" (it looks like an {LABELS[arch]} LoRA: {evidence})" if arch in LABELS else ""

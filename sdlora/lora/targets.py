@@ -8,12 +8,13 @@ so a library rename that hides a layer fails loudly instead of silently training
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
 from sdlora.errors import SdloraError
-from sdlora.formats.names import canonical_te_path, kohya_name
+from sdlora.formats.names import SD1_NAMES, NameTable, canonical_te_path, kohya_name
 
 # Relative names inside each BasicTransformerBlock, per preset.
 UNET_BLOCK_TARGETS = {
@@ -74,7 +75,7 @@ def _resolve(root: nn.Module, rel: str) -> nn.Module | None:
     return m if isinstance(m, (nn.Linear, nn.Conv2d)) else None
 
 
-def _collect(model: nn.Module, block_pred, rels: list[str], prefix: str, te: bool, canon=lambda p: p) -> list[Target]:
+def _collect(model: nn.Module, block_pred, rels: list[str], name_of: Callable[[str], str], te: bool) -> list[Target]:
     found = []
     for path, block in model.named_modules():
         if not block_pred(block):
@@ -83,7 +84,7 @@ def _collect(model: nn.Module, block_pred, rels: list[str], prefix: str, te: boo
             layer = _resolve(block, rel)
             if layer is not None:
                 full = f"{path}.{rel}" if path else rel
-                found.append(Target(kohya_name(prefix, canon(full)), full, model, layer, te))
+                found.append(Target(name_of(full), full, model, layer, te))
     return found
 
 
@@ -91,20 +92,21 @@ def _classname(m: nn.Module) -> str:
     return type(m).__name__
 
 
-def unet_targets(unet: nn.Module, targets: str) -> list[Target]:
-    """UNet layers for `--targets` (one preset or a comma list), checked against the block counts."""
+def unet_targets(unet: nn.Module, targets: str, names: NameTable = SD1_NAMES) -> list[Target]:
+    """UNet layers for `--targets` (one preset or a comma list), checked against the block counts, named by the
+    family's table (SDXL's are SGM paths)."""
     presets = parse_targets(targets)
     linear = [p for p in presets if p != "conv"]
     block_rels = list(dict.fromkeys(r for p in linear for r in UNET_BLOCK_TARGETS[p]))
     transformer_rels = list(dict.fromkeys(r for p in linear for r in UNET_TRANSFORMER_TARGETS[p]))
-    found = _collect(unet, lambda m: _classname(m) == "BasicTransformerBlock", block_rels, "lora_unet", False)
-    found += _collect(unet, lambda m: _classname(m) == "Transformer2DModel", transformer_rels, "lora_unet", False)
+    found = _collect(unet, lambda m: _classname(m) == "BasicTransformerBlock", block_rels, names.unet_name, False)
+    found += _collect(unet, lambda m: _classname(m) == "Transformer2DModel", transformer_rels, names.unet_name, False)
     n_blocks = sum(1 for m in unet.modules() if _classname(m) == "BasicTransformerBlock")
     n_transformers = sum(1 for m in unet.modules() if _classname(m) == "Transformer2DModel")
     expected = n_blocks * len(block_rels) + n_transformers * len(transformer_rels)
     if "conv" in presets:
         for cls, rels in UNET_CONV_TARGETS.items():
-            found += _collect(unet, lambda m, c=cls: _classname(m) == c, rels, "lora_unet", False)
+            found += _collect(unet, lambda m, c=cls: _classname(m) == c, rels, names.unet_name, False)
         expected += _expected_conv_layers(unet)
     _check_count("UNet", ",".join(presets), expected, len(found), n_blocks == 0)
     return sorted(found, key=lambda t: t.kohya_name)
@@ -123,7 +125,8 @@ def _expected_conv_layers(unet: nn.Module) -> int:
 
 def text_encoder_targets(te: nn.Module, prefix: str = "lora_te", mlp: bool = False) -> list[Target]:
     rels = TE_ATTN + (TE_MLP if mlp else [])
-    found = _collect(te, lambda m: _classname(m).endswith("EncoderLayer"), rels, prefix, True, canonical_te_path)
+    found = _collect(te, lambda m: _classname(m).endswith("EncoderLayer"), rels,
+                     lambda p: kohya_name(prefix, canonical_te_path(p)), True)
     expected = te.config.num_hidden_layers * len(rels)
     _check_count("text encoder", "attn+mlp" if mlp else "attn", expected, len(found), False)
     return sorted(found, key=lambda t: t.kohya_name)
@@ -139,8 +142,9 @@ def _check_count(where: str, preset: str, expected: int, found: int, no_blocks: 
         )
 
 
-def all_lora_layers(model: nn.Module, prefix: str, te: bool) -> dict[str, tuple[str, nn.Module]]:
-    """Every Linear/Conv2d (or LoRA host already wrapping one) by kohya name, to match adapter files."""
+def all_lora_layers(model: nn.Module, prefix: str, te: bool, names: NameTable = SD1_NAMES) -> dict[str, tuple[str, nn.Module]]:
+    """Every Linear/Conv2d (or LoRA host already wrapping one) by kohya name, to match adapter files; UNet names
+    come from the family's table."""
     from sdlora.lora.layer import LoraHost
 
     out: dict[str, tuple[str, nn.Module]] = {}
@@ -149,7 +153,7 @@ def all_lora_layers(model: nn.Module, prefix: str, te: bool) -> dict[str, tuple[
         for child_name, child in module.named_children():
             full = f"{path}.{child_name}" if path else child_name
             if isinstance(child, (nn.Linear, nn.Conv2d, LoraHost)):
-                out[kohya_name(prefix, canonical_te_path(full) if te else full)] = (full, child)
+                out[names.te_name(prefix, full) if te else names.unet_name(full)] = (full, child)
             else:
                 walk(child, full)
 

@@ -4,14 +4,14 @@ The diffusers layout is what `pipe.load_lora_weights` reads natively: `unet.<mod
 `lora_B.weight`, text encoders under `text_encoder.text_model...`, and the per-module ranks and alphas in the
 `lora_adapter_metadata` entry (peft's LoraConfig per component, with rank_pattern/alpha_pattern for the modules that
 differ from the most common value), so no alpha is folded into the weights and kohya -> diffusers -> kohya is exact.
-LoHa/LoKr/DoRA and other full-delta types have no lora_A/lora_B form and are refused.
+LoHa/LoKr/DoRA and other full-delta types have no lora_A/lora_B form and are refused. SDXL files go through SDXL's
+name table (formats/names_sdxl.py): kohya output names the UNet by SGM paths, diffusers output by diffusers paths.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -19,19 +19,21 @@ import safetensors.torch
 import torch
 
 from sdlora.errors import SdloraError
+from sdlora.formats.detect import SDXL_KEYS, canonical_modules, names_for
 from sdlora.formats.header import read_header
 from sdlora.formats.kohya import ModuleWeights, load_adapter, save_adapter, tensor_hashes
-from sdlora.formats.names import SD1_NAMES
+from sdlora.formats.names import SD1_NAMES, NameTable
+from sdlora.formats.names_sdxl import SDXL_NAMES
 from sdlora.util import SAFETENSORS_DTYPES, atomic_write_bytes, torch_dtype
 
 _ADAPTER_METADATA = "lora_adapter_metadata"
 
 
-def module_path(kohya_name: str) -> tuple[str, str]:
-    """(diffusers component, dotted module path) for an SD1/SD2 kohya module name."""
-    if re.match(r"lora_unet_(input_blocks|output_blocks|middle_block)_", kohya_name):
-        raise SdloraError(f"{kohya_name} uses SDXL's original (SGM) block names; converting those is not supported")
-    return SD1_NAMES.module_path(kohya_name)
+def module_path(kohya_name: str, names: NameTable | None = None) -> tuple[str, str]:
+    """(diffusers component, dotted module path) for a kohya module name; SGM (SDXL) names by SDXL's table."""
+    if names is None:
+        names = SDXL_NAMES if SDXL_KEYS.search(kohya_name) else SD1_NAMES
+    return names.module_path(kohya_name)
 
 
 def _source_dtype(path: Path) -> torch.dtype:
@@ -57,12 +59,13 @@ def _peft_config(entries: list[tuple[str, ModuleWeights]]) -> dict[str, object]:
     }
 
 
-def to_diffusers(modules: dict[str, ModuleWeights], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], str]:
+def to_diffusers(modules: dict[str, ModuleWeights], dtype: torch.dtype,
+                 names: NameTable = SD1_NAMES) -> tuple[dict[str, torch.Tensor], str]:
     """Tensors in the diffusers/peft layout and the `lora_adapter_metadata` JSON recording every rank and alpha."""
     tensors: dict[str, torch.Tensor] = {}
     per_owner: dict[str, list[tuple[str, ModuleWeights]]] = {}
     for name in sorted(modules):
-        owner, path = module_path(name)
+        owner, path = names.module_path(name)
         w = modules[name]
         tensors[f"{owner}.{path}.lora_A.weight"] = w.down.to(dtype).contiguous()
         tensors[f"{owner}.{path}.lora_B.weight"] = w.up.to(dtype).contiguous()
@@ -91,11 +94,13 @@ def convert_adapter(path: str | Path, to: str, output: str | Path | None = None)
             f"(lora_A/lora_B) form, so neither layout can hold them"
         )
     dtype = _source_dtype(path)
+    names = names_for(adapter)
+    adapter = canonical_modules(adapter, names)  # kohya's own names: SGM paths for an SDXL UNet
     metadata = {k: v for k, v in adapter.metadata.items() if k != _ADAPTER_METADATA}
     if to == "kohya":
         return out, save_adapter(out, adapter.modules, metadata, dtype)
 
-    tensors, config = to_diffusers(adapter.modules, dtype)
+    tensors, config = to_diffusers(adapter.modules, dtype, names)
     # Hashes describe this file's tensors (recomputed), so tools verifying them agree with the new layout.
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = tensor_hashes(tensors, metadata)
     metadata["modelspec.hash_sha256"] = "0x" + metadata["sshs_model_hash"]

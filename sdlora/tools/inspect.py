@@ -14,7 +14,7 @@ from pathlib import Path
 
 import safetensors.torch
 
-from sdlora.formats.deltas import DeltaWeights
+from sdlora.formats.detect import guess_architecture, names_for
 from sdlora.formats.header import read_header
 from sdlora.formats.kohya import AdapterFile, ModuleWeights, load_adapter, tensor_data_sha256, tensor_hashes
 
@@ -28,12 +28,8 @@ TRAINING_KEYS = {
     "ss_batch_size_per_device": "batch size", "ss_num_train_images": "train images", "ss_seed": "seed",
     "ss_mixed_precision": "mixed precision", "ss_clip_skip": "clip skip", "ss_noise_offset": "noise offset",
     "ss_min_snr_gamma": "min snr gamma", "ss_training_started_at": "started at", "ss_training_finished_at": "finished at",
-    "ss_output_name": "output name", "ss_training_comment": "comment",
+    "ss_output_name": "output name", "ss_training_comment": "comment", "ss_zero_terminal_snr": "zero terminal snr",
 }
-_SDXL_KEYS = re.compile(r"^lora_(te1|te2)_|^lora_unet_(input_blocks|output_blocks|middle_block)_")
-# cross-attention context width (attn2 to_k/to_v input) and text-encoder width -> architecture
-_CONTEXT_DIMS = {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl"}
-_TE_DIMS = {768: "sd_v1", 1024: "sd_v2"}
 
 
 def _stats(values: list[float]) -> dict[str, float] | None:
@@ -70,48 +66,12 @@ def detect_format(keys: list[str], adapter: AdapterFile) -> str:
         layout = "kohya"
     plain = "LoRA"
     if any(w.down.dim() == 4 and tuple(w.down.shape[2:]) != (1, 1) for w in adapter.modules.values()) or any(
-        re.search(r"_(resnets|downsamplers|upsamplers)_", n) for n in adapter.modules
+        re.search(r"_(resnets|downsamplers|upsamplers|in_layers|out_layers|emb_layers)_|_skip_connection$|_\d_op$", n)
+        for n in adapter.modules
     ):
         plain = "LoCon"
     parts = ([plain] if adapter.modules else []) + kinds
     return f"{layout} {' + '.join(parts)}"
-
-
-def _in_width(w: ModuleWeights | DeltaWeights) -> int | None:
-    """Input width of a Linear module's update: lora_down's, or ΔW's size over its rows (LoHa, LoKr, DoRA...)."""
-    if isinstance(w, ModuleWeights):
-        return int(w.down.shape[1])
-    try:
-        out = w.out_features()
-        return w.numel() // out if out else None
-    except (IndexError, KeyError):
-        return None
-
-
-def guess_architecture(adapter: AdapterFile) -> tuple[str, str]:
-    """(sd_v1 | sd_v2 | sdxl | unknown, the evidence): layer widths first, then key names, then metadata.
-
-    Widths are read from every module type, so LyCORIS LoHa/LoKr files (no lora_down) are recognised too.
-    """
-    every = {**adapter.modules, **adapter.deltas}
-    for name, w in every.items():
-        if re.search(r"attn2_to_[kv]$", name) and (arch := _CONTEXT_DIMS.get(_in_width(w) or 0)):
-            return arch, f"cross-attention width {_in_width(w)}"
-    if any(_SDXL_KEYS.search(n) for n in every):
-        return "sdxl", "SDXL key names (lora_te1/te2, input/output blocks)"
-    for name, w in every.items():
-        if re.search(r"^lora_te_.*self_attn_q_proj$", name) and (arch := _TE_DIMS.get(_in_width(w) or 0)):
-            return arch, f"text-encoder width {_in_width(w)}"
-    meta = adapter.metadata
-    version = meta.get("ss_base_model_version", "")
-    spec = meta.get("modelspec.architecture", "")
-    if version.startswith("sdxl") or spec.startswith("stable-diffusion-xl"):
-        return "sdxl", "metadata"
-    if version == "sd_v2" or spec.startswith("stable-diffusion-v2") or meta.get("ss_v2") == "True":
-        return "sd_v2", "metadata"
-    if version == "sd_v1" or spec.startswith("stable-diffusion-v1"):
-        return "sd_v1", "metadata"
-    return "unknown", "no conclusive widths, key names or metadata"
 
 
 def _top_tags(meta: dict[str, str], n: int = 10) -> list[tuple[str, int]]:
@@ -160,7 +120,8 @@ def inspect_adapter(path: str | Path) -> dict[str, object]:
     all_modules = {**adapter.modules, **adapter.deltas}
     ranks = [w.rank for w in all_modules.values() if w.rank is not None]
     alphas = [w.alpha for w in all_modules.values() if w.alpha is not None]
-    blocks = Counter(block_of(n) for n in all_modules)
+    names = names_for(adapter)  # an SDXL file's blocks by SGM names, whichever path form the file uses
+    blocks = Counter(block_of(names.canonical(n)) for n in all_modules)
     zero = sorted(n for n, w in all_modules.items() if _is_zero(w))
     arch, evidence = guess_architecture(adapter)
     trigger = meta.get("modelspec.trigger_phrase")
@@ -171,6 +132,7 @@ def inspect_adapter(path: str | Path) -> dict[str, object]:
         "types": dict(Counter(["LoRA"] * len(adapter.modules) + [d.kind for d in adapter.deltas.values()])),
         "architecture": arch,
         "architecture_evidence": evidence,
+        "prediction_type": meta.get("modelspec.prediction_type"),
         "modules": len(all_modules),
         "rank": _stats(ranks),
         "alpha": _stats(alphas),
@@ -203,7 +165,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"file:         {r['file']} ({r['size_bytes']:,} bytes, {', '.join(r['dtypes'])})",
         f"format:       {r['format']}" + (f"  [DoRA magnitude per {', '.join(r['dora_orientation'])}]" if "dora_orientation" in r else ""),
-        f"architecture: {r['architecture']} ({r['architecture_evidence']})",
+        f"architecture: {r['architecture']}{', v-prediction' if r.get('prediction_type') == 'v' else ''} "
+        f"({r['architecture_evidence']})",
         f"modules:      {r['modules']}  rank {stat(r['rank'])}  alpha {stat(r['alpha'])}",
         "targets:      " + ", ".join(f"{b}: {n}" for b, n in r["targets"].items()),
     ]

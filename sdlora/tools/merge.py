@@ -18,8 +18,11 @@ import torch
 
 from sdlora import __version__
 from sdlora.errors import SdloraError
+from sdlora.formats.detect import KOHYA_VERSIONS, LABELS, canonical_modules, guess_architecture
 from sdlora.formats.kohya import AdapterFile, ModuleWeights, file_sha256, load_adapter, save_adapter
-from sdlora.formats.metadata import apply_dims
+from sdlora.formats.metadata import apply_dims, modelspec_architecture
+from sdlora.formats.names import SD1_NAMES
+from sdlora.formats.names_sdxl import SDXL_NAMES
 from sdlora.lora.specs import LoraSpec, check_strengths
 from sdlora.tools.resize import ReduceReport, as_matrices, reduce_modules, require_plain_lora
 from sdlora.util import torch_dtype
@@ -85,12 +88,31 @@ def concat_modules(adapters: list[AdapterFile], specs: list[LoraSpec]) -> dict[s
     return out
 
 
+def same_family(adapters: list[AdapterFile]) -> list[AdapterFile]:
+    """The adapters under one name table (an SDXL file may name its UNet by diffusers or SGM paths), refusing a mix
+    of SDXL and SD 1.x/2.x files, whose modules would not line up even where their names do."""
+    archs = {a.path: guess_architecture(a) for a in adapters}
+    xl = {p for p, (arch, _) in archs.items() if arch == "sdxl"}
+    sd = {p: arch for p, (arch, _) in archs.items() if arch in ("sd_v1", "sd_v2")}
+    if xl and sd:
+        a, b = next(iter(xl)), next(iter(sd))
+        raise SdloraError(f"{a} is an SDXL LoRA ({archs[a][1]}) and {b} an {LABELS[sd[b]]} LoRA ({archs[b][1]}); "
+                          "refusing to merge LoRAs for different base models")
+    names = SDXL_NAMES if xl else SD1_NAMES
+    return [canonical_modules(a, names) for a in adapters]
+
+
 def _lora_metadata(adapters: list[AdapterFile], specs: list[LoraSpec], modules: dict[str, ModuleWeights],
                    output: Path, comment: str) -> dict[str, str]:
     """kohya/modelspec keys of a merged LoRA: architecture from the inputs, dims from the result."""
     src = adapters[0].metadata
     meta = {k: src[k] for k in ("ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.implementation",
                                 "modelspec.resolution", "modelspec.prediction_type") if k in src}
+    arch = guess_architecture(adapters[0])[0]
+    if "ss_base_model_version" not in meta and arch in KOHYA_VERSIONS:  # e.g. a diffusers-written input
+        meta["ss_base_model_version"], meta["ss_v2"] = KOHYA_VERSIONS[arch], str(arch == "sd_v2")
+        meta["modelspec.architecture"], meta["modelspec.implementation"] = modelspec_architecture(
+            KOHYA_VERSIONS[arch], src.get("modelspec.prediction_type") == "v")
     triggers = [a.metadata["modelspec.trigger_phrase"] for a in adapters if a.metadata.get("modelspec.trigger_phrase")]
     meta.update({
         "ss_output_name": output.stem,
@@ -119,6 +141,7 @@ def merge_loras(specs: list[LoraSpec], output: str | Path, rank: int | None = No
     versions = {a.metadata["ss_base_model_version"] for a in adapters if a.metadata.get("ss_base_model_version")}
     if len(versions) > 1:
         raise SdloraError(f"the LoRAs are for different base models ({', '.join(sorted(versions))}); refusing to merge them")
+    adapters = same_family(adapters)
     modules = concat_modules(adapters, specs)
     report = None
     if rank is not None:

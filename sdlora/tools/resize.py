@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import SdloraError
+from sdlora.formats.detect import canonical_modules, names_for
 from sdlora.formats.kohya import AdapterFile, ModuleWeights, load_adapter, save_adapter
 from sdlora.formats.metadata import apply_dims, rank_label
 from sdlora.util import torch_dtype
@@ -135,6 +136,7 @@ def resize_file(path: str | Path, output: str | Path, rank: int | None = None, e
     """Write `path` reduced to `rank` (or by `energy`) to `output`; returns (file sha256, report)."""
     adapter = load_adapter(path)
     require_plain_lora(adapter, "resize")
+    adapter = canonical_modules(adapter, names_for(adapter))  # written as kohya names: SGM paths for SDXL
     old_ranks = [m.rank for m in adapter.modules.values()]
     if rank is not None and rank > max(old_ranks):
         raise SdloraError(f"--rank {rank} is larger than the file's rank ({max(old_ranks)}): resize only reduces")

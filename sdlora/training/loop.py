@@ -85,7 +85,8 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     batch_size = clamp_batch_size(cfg.batch_size, sum(e.item.repeats for e in examples), warn)
 
     te_prefixes = {p: k for p, k in base.family.te_prefixes.items() if te_lr(cfg, p) != 0}  # lr 0: no LoRA there
-    unet_hosts, te_hosts = inject_lora(base.unet, base.text_encoders, te_prefixes, cfg.network(), cfg.seed)
+    unet_hosts, te_hosts = inject_lora(base.unet, base.text_encoders, te_prefixes, cfg.network(), cfg.seed,
+                                       names=base.family.names)
     params = trainable_parameters(unet_hosts) + trainable_parameters(te_hosts)
     info(f"LoRA rank {cfg.rank} on {len(unet_hosts)} UNet + {len(te_hosts)} text-encoder modules "
          f"({sum(p.numel() for p in params):,} trainable parameters), attention: {attention}")
