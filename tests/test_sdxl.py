@@ -43,6 +43,7 @@ def test_family_facts(parts):
     assert fam.architecture == "stable-diffusion-xl-v1-base/lora"
     assert SDXLFamily.matches({"unet", "vae", "text_encoder", "text_encoder_2"})
     assert not SDXLFamily.matches({"unet", "vae", "text_encoder"})
+    assert not SDXLFamily.matches({"transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"})  # SD3
 
 
 def test_encode_text_equals_the_pipelines_encode_prompt(base, pipe):

@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a few minutes on 2 busy cores: 70 transformer blocks' first CPU steps are slow to warm up
 def test_smoke_build_makes_a_loadable_tiny_xl(tmp_path):
     out = tmp_path / "tiny-xl"
     run = subprocess.run([sys.executable, str(REPO / "scripts" / "build_tiny_base.py"), "--family", "sdxl", "--smoke",

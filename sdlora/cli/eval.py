@@ -13,7 +13,7 @@ def register(sub) -> None:
         description="Generate every prompt at each strength with fixed seeds and write a labelled grid PNG and a JSON report. "
         "On the tiny base a checker trained on the procedural world scores the styles and the prompted colour/shape.",
     )
-    p.add_argument("--base", default="tiny", help="base model (default: tiny)")
+    p.add_argument("--base", default="tiny", help="base model (default: tiny; tiny-xl is judged by the same checker)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:S[:TE]]", help="LoRA at strength S; the strengths below multiply S (repeatable)")
     p.add_argument("--prompts", default="builtin", help="'builtin' (held-out prompts of the procedural world) or a text file, one prompt per line")
     p.add_argument("--num-prompts", type=int, default=16, help="how many builtin prompts (default: 16, at most 200)")
@@ -57,7 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompts = file_prompts(args.prompts)
     device = default_device(args.device)
     base = load_base(args.base, "fp16" if device.startswith("cuda") else "fp32", device)
-    use_checker = args.base == "tiny"
+    use_checker = args.base in ("tiny", "tiny-xl")  # both were trained on the checker's procedural world
     n_images = len(prompts) * len(strengths)
     # Counted in sampling steps, so the time left shows within seconds rather than after the first image.
     bar = tqdm(total=n_images * args.steps, desc=f"eval: {n_images} images", unit="step", mininterval=1.0,

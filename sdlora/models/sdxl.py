@@ -42,8 +42,9 @@ class SDXLFamily(ModelFamily):
     # ---- recognising and loading
     @classmethod
     def matches(cls, components: set[str]) -> bool:
-        """SDXL base folders list both encoders; a refiner lists text_encoder_2 alone (load_folder refuses it)."""
-        return "text_encoder_2" in components
+        """SDXL base folders list a UNet and both encoders; a refiner lists text_encoder_2 alone (load_folder refuses
+        it); SD3 and Flux folders have a second encoder too, but a transformer instead of a UNet."""
+        return "text_encoder_2" in components and "unet" in components
 
     @classmethod
     def load_folder(cls, path: Path, dtype: torch.dtype, vae_dtype: torch.dtype) -> Components:

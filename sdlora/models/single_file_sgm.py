@@ -135,11 +135,16 @@ def read_any(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str],
             with safe_open(str(path), "pt") as f:
                 metadata, keys = f.metadata() or {}, list(f.keys())
                 kind = classify(keys, path.name)
-                return {k: f.get_tensor(k) for k in keys}, metadata, kind
+                return {k: f.get_tensor(k) for k in keys if _wanted(k)}, metadata, kind
         except (SafetensorError, OSError) as e:
             raise SdloraError(f"{path.name} is not a valid .safetensors file ({str(e).splitlines()[0]})") from None
     state = _torch_load(path)
-    return state, {}, classify(list(state), path.name)
+    return {k: v for k, v in state.items() if _wanted(k)}, {}, classify(list(state), path.name)
+
+
+def _wanted(key: str) -> bool:
+    """The tensors a base is built from (EMA copies, optimizer state and the like are left in the file)."""
+    return key.startswith((UNET_PREFIX, VAE_PREFIX, SDXL_TE1, SDXL_TE2, SD2_TE, TE_PREFIX)) or key in V_MARKERS + ZTSNR_MARKERS
 
 
 # ---------------------------------------------------------------- configs from shapes
