@@ -41,6 +41,8 @@ def test_family_facts(parts):
     assert (fam.version, fam.v_prediction, fam.name) == ("sdxl_base_v1-0", False, "sdxl")
     assert fam.te_prefixes == {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
     assert fam.architecture == "stable-diffusion-xl-v1-base/lora"
+    assert fam.names.unet_name("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k") == \
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
     assert SDXLFamily.matches({"unet", "vae", "text_encoder", "text_encoder_2"})
     assert not SDXLFamily.matches({"unet", "vae", "text_encoder"})
     assert not SDXLFamily.matches({"transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"})  # SD3

@@ -79,6 +79,11 @@ def test_sdxl_lora_trains_through_sdlora_train(encoders, sdxl_dir, sdxl_lora, st
     assert len(te1) == (6 * TEXT_1["num_hidden_layers"] if encoders == "both" else 0)
     assert len(te2) == (6 * TEXT_2["num_hidden_layers"] if encoders != "none" else 0)
     assert names == unet | te1 | te2 and not any(n.startswith("lora_te_") for n in names)
+    # kohya's SDXL names: the original (SGM) UNet layout, not diffusers' paths
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k" in unet
+    assert "lora_unet_middle_block_1_transformer_blocks_1_ff_net_2" in unet
+    assert "lora_unet_output_blocks_0_1_proj_out" in unet
+    assert not any("down_blocks" in n or "mid_block" in n for n in unet)
     trained = [n for n in te2 | unet if tensors[f"{n}.lora_up.weight"].abs().sum() > 0]
     assert len(trained) > len(unet) // 2  # three steps move the up matrices away from their zero start
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"

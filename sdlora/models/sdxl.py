@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from sdlora.errors import SdloraError
+from sdlora.formats.names_sdxl import SDXL_NAMES, SgmNameTable
 from sdlora.models.family import ModelFamily
 
 if TYPE_CHECKING:
@@ -80,12 +81,19 @@ class SDXLFamily(ModelFamily):
 
     @classmethod
     def from_components(cls, parts: Components) -> SDXLFamily:
-        return cls(VERSION, parts.scheduler.config.get("prediction_type", "epsilon") == "v_prediction")
+        family = cls(VERSION, parts.scheduler.config.get("prediction_type", "epsilon") == "v_prediction")
+        family._names = SgmNameTable.from_unet_config(parts.unet.config)  # the layout kohya's SGM names follow
+        return family
 
     # ---- the file
     @property
     def te_prefixes(self) -> dict[str, str]:
         return {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
+
+    @property
+    def names(self) -> SgmNameTable:
+        """kohya names the SDXL UNet by its original (SGM) layout: lora_unet_input_blocks_4_1_..."""
+        return getattr(self, "_names", SDXL_NAMES)
 
     # ---- conditioning
     def encode_text(self, base: BaseModel, input_ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
