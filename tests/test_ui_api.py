@@ -238,3 +238,46 @@ def test_stop_is_ctrl_c_and_the_run_resumes(tmp_path):
         again = c.wait_job(resumed["id"], lambda s: s["status"] not in ("running", "stopping"))
         assert again["status"] == "stopped"
         assert int(again["message"].split("step ")[1].split("/")[0]) > step  # it continued, not restarted
+
+
+def test_sdlora_ui_command_listens_with_a_generated_token(tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.ui_helpers import Client
+
+    root = _root(tmp_path, images=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sdlora", "ui", "--root", str(root), "--port", str(port),
+                             "--listen", "127.0.0.1"], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not any("sdlora ui on" in ln for ln in lines):
+            line = proc.stderr.readline()
+            assert line, f"sdlora ui exited: {''.join(lines)}"
+            lines.append(line)
+        token = next(ln for ln in lines if "generated the token" in ln).split()[-1]
+        assert f"?token={token}" in lines[-1]
+        c = Client(f"http://127.0.0.1:{port}")
+        deadline = time.time() + 60
+        while True:
+            try:
+                status, _ = c.get("/api/info")
+                break
+            except OSError:
+                assert time.time() < deadline
+                time.sleep(0.2)
+        assert status == 401
+        status, info = c.get("/api/info", headers={"Authorization": f"Bearer {token}"})
+        assert status == 200 and info["root"] == str(root.resolve())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    bad = subprocess.run([sys.executable, "-m", "sdlora", "ui", "--root", str(tmp_path / "nope")], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == f"sdlora: error: --root is not a folder: {tmp_path / 'nope'}"

@@ -64,6 +64,7 @@ def test_train_watch_mix_and_generate_in_a_browser(tmp_path):
         entry = page.locator(f".entry[data-path='{LORA}']")
         expect(entry).to_have_count(1)
         expect(page.locator("#prompt")).to_have_value("sks pastel, a red circle in the center of a white background")
+        page.fill("#steps", "8")  # 8 sampling steps keep each image quick on a CPU
         page.click("#generate")
         info = page.locator("#result-info")
         expect(info).to_contain_text("pastel: UNet 1.00", timeout=300_000)
@@ -72,10 +73,12 @@ def test_train_watch_mix_and_generate_in_a_browser(tmp_path):
         # ── move the UNet slider: it re-generates with the new strength, in place
         slider = entry.locator("input[aria-label='UNet']")
         slider.focus()
-        for _ in range(6):
-            page.keyboard.press("ArrowLeft")
+        page.keyboard.press("ArrowLeft")  # one notch, as a person nudges it: 0.95
+        expect(info).to_contain_text("pastel: UNet 0.95", timeout=300_000)
+        slider.fill("0.7")  # then a drag to 0.70: one input and one change event
         shown = entry.locator(".slider output").first
         expect(shown).to_have_text("0.70")
+        expect(entry.locator(".slider output").nth(1)).to_have_text("0.70")  # TE follows UNet until moved itself
         expect(info).to_contain_text("pastel: UNet 0.70", timeout=300_000)
         expect(info).to_contain_text("strengths changed in place")
         applied = page.evaluate("JSON.parse(document.querySelector('#result-info').dataset.applied)")

@@ -105,5 +105,5 @@ def ui_server(root: Path, token: str | None = None, local_only: bool = True):
         yield Client(f"http://127.0.0.1:{port}")
     finally:
         server.should_exit = True
-        thread.join(90)
+        thread.join(600)  # a generation still running finishes first (torch threads must not outlive the process)
         sock.close()

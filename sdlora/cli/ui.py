@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import secrets
 import sys
+from pathlib import Path
 
 from sdlora.errors import SdloraError
 
@@ -41,20 +44,25 @@ def listen_plan(listen: str | None, auth: str | None) -> tuple[str, str | None, 
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
-
-        from sdlora.ui.server import create_app
-    except ImportError as e:
-        raise SdloraError(f"sdlora ui needs the ui extra ({e.name} is missing): pip install -e \".[ui]\"") from None
+    """uvicorn loads the app by name (`sdlora.ui.server:app_from_env`): the ui room stays imported by nothing."""
+    missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SdloraError(f"sdlora ui needs the ui extra ({', '.join(missing)} missing): pip install -e \".[ui]\"")
     if not 0 < args.port < 65536:
         raise SdloraError("--port must be 1..65535")
+    root = Path(args.root).expanduser().resolve()
+    if not root.is_dir():
+        raise SdloraError(f"--root is not a folder: {args.root}")
     host, token, local = listen_plan(args.listen, args.auth)
-    app = create_app(args.root, args.base, args.device, args.precision, token, local)
+    settings = {"ROOT": str(root), "BASE": args.base, "DEVICE": args.device, "PRECISION": args.precision,
+                "TOKEN": token, "LOCAL": "1" if local else "0"}
+    os.environ.update({f"SDLORA_UI_{k}": v for k, v in settings.items() if v is not None})
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{args.port}/" + (f"?token={token}" if token else "")
     if not local and not args.auth:
         print(f"--listen without --auth: generated the token {token}", file=sys.stderr)
-    print(f"sdlora ui on {url} (files under {app.state.sdlora.root}); Ctrl-C to stop", file=sys.stderr)
-    uvicorn.run(app, host=host, port=args.port, log_level="warning")
+    print(f"sdlora ui on {url} (files under {root}); Ctrl-C to stop", file=sys.stderr)
+    import uvicorn
+
+    uvicorn.run("sdlora.ui.server:app_from_env", factory=True, host=host, port=args.port, log_level="warning")
     return 0

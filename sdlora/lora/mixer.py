@@ -125,7 +125,8 @@ class LoraMixer:
         if blocks is None:
             return None
         family = self.base.family
-        check_fits(blocks, "sdxl" if str(getattr(family, "version", "")).startswith("sdxl") else "sd1")
+        sdxl = getattr(family, "name", "") == "sdxl" or str(family.version).startswith("sdxl")
+        check_fits(blocks, "sdxl" if sdxl else "sd1")
         return block_table(blocks)
 
     def remove(self, name: str) -> None:

@@ -69,7 +69,8 @@ class Jobs:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             log_path = self.state_dir / f"{job_id}-{name}.log"
             command = [sys.executable, "-m", "sdlora", "train", *args]
-            env = os.environ | {"PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error"}
+            env = {k: v for k, v in os.environ.items() if not k.startswith("SDLORA_UI_")}  # the token stays here
+            env |= {"PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error"}
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         cwd=self.root, env=env, start_new_session=True)

@@ -83,7 +83,7 @@ class Library:
     def merge(self, specs: list[dict], output: str, rank: int | None, save_dtype: str, base: str | None,
               overwrite: bool) -> dict:
         from sdlora.lora.blocks import parse_block_weights
-        from sdlora.lora.mixer import LoraSpec
+        from sdlora.lora.specs import LoraSpec
         from sdlora.tools.merge import bake_into_base, merge_loras
 
         if not specs:

@@ -9,6 +9,7 @@ bad input is a message, never a traceback.
 from __future__ import annotations
 
 import hmac
+import os
 import sys
 import traceback
 from contextlib import asynccontextmanager
@@ -123,6 +124,13 @@ def create_app(root: str | Path, base: str = "tiny", device: str | None = None, 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(routes.router)
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app `sdlora ui` starts (uvicorn's factory): its settings come as SDLORA_UI_* variables."""
+    env = os.environ.get
+    return create_app(env("SDLORA_UI_ROOT", "."), env("SDLORA_UI_BASE", "tiny"), env("SDLORA_UI_DEVICE"),
+                      env("SDLORA_UI_PRECISION"), env("SDLORA_UI_TOKEN"), env("SDLORA_UI_LOCAL", "1") == "1")
 
 
 def _hostname(header: str) -> str:

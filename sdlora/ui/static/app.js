@@ -12,10 +12,13 @@ const el = (tag, attrs = {}, ...children) => {
   return e;
 };
 
-function say(text, ok = false) {
+let sayTimer = null;
+function say(text, ok = false) {  // errors stay until closed; good news fades after a few seconds
   $("message-text").textContent = text;
   $("message").classList.toggle("ok", ok);
   $("message").hidden = false;
+  clearTimeout(sayTimer);
+  if (ok) sayTimer = setTimeout(() => { $("message").hidden = true; }, 6000);
 }
 $("message-close").onclick = () => { $("message").hidden = true; };
 
@@ -159,8 +162,8 @@ function drawLoss(losses) {
   line("loss", "#9db8ef", 1); line("loss_smooth", "#2f6fdf", 2);
   g.fillStyle = "#d9480f";
   for (const r of losses.filter((r) => r.val_loss != null)) { g.beginPath(); g.arc(X(r.step), Y(r.val_loss), 3.5, 0, 7); g.fill(); }
-  g.fillStyle = "#2f6fdf"; g.fillText("training loss (smoothed)", W - 300, 22);
-  g.fillStyle = "#d9480f"; g.fillText("● validation", W - 130, 22);
+  g.fillStyle = "#2f6fdf"; g.fillText("training loss: smoothed (dark), per step (light)", W - 420, 22);
+  if (losses.some((r) => r.val_loss != null)) { g.fillStyle = "#d9480f"; g.fillText("● validation", W - 120, 22); }
 }
 
 async function start() {

@@ -41,7 +41,9 @@ function slider(text, value, onchange, min = -1, max = 2) {
   const input = el("input", { type: "range", min, max, step: 0.05, value, "aria-label": text });
   input.addEventListener("input", () => { out.textContent = Number(input.value).toFixed(2); });
   input.addEventListener("change", () => onchange(Number(input.value)));
-  return el("div", { class: "slider" }, el("span", {}, text), input, out);
+  const box = el("div", { class: "slider" }, el("span", {}, text), input, out);
+  box.set = (v) => { input.value = v; out.textContent = Number(v).toFixed(2); };  // follow another slider
+  return box;
 }
 
 function renderMix() {
@@ -77,13 +79,13 @@ function renderMix() {
     custom.addEventListener("change", () => { m.lbw = custom.value.trim() || null; saveMix(); drawBlocks(); changed(); });
     const details = el("details", {}, el("summary", {}, "per-block weights"), choice, custom, grid);
     drawBlocks();
-    const te = m.te_strength == null ? m.strength : m.te_strength;
+    // TE follows UNet until it is moved itself (te_strength null = the UNet strength, as on the command line)
+    const te = slider("TE", m.te_strength == null ? m.strength : m.te_strength, (v) => { m.te_strength = v; saveMix(); changed(); });
+    const unet = slider("UNet", m.strength, (v) => { m.strength = v; if (m.te_strength == null) te.set(v); saveMix(); changed(); });
     return el("div", { class: "entry", "data-path": m.path },
       el("div", { class: "head" }, el("span", {}, label(m.path)),
         el("button", { onclick: () => { mix.splice(i, 1); saveMix(); renderMix(); window.refreshLibrary(); changed(); } }, "remove")),
-      slider("UNet", m.strength, (v) => { m.strength = v; saveMix(); changed(); }),
-      slider("TE", te, (v) => { m.te_strength = v; saveMix(); changed(); }),
-      details);
+      unet, te, details);
   }));
 }
 
