@@ -176,3 +176,12 @@ def test_merge_bakes_a_block_vector_into_the_file(base, tmp_path):
     assert "lbw=OUTALL" in merged.metadata["modelspec.merged_from"]
     with pytest.raises(SdloraError, match="every module's strength is 0"):
         merge_loras([LoraSpec(str(f), 1.0, None, parse_block_weights("NONE"))], tmp_path / "none.safetensors")
+
+
+def test_cli_refuses_a_bad_vector_in_one_line(tmp_path, capsys):
+    from sdlora.cli.main import main
+
+    rc = main(["generate", "--prompt", "x", "--lora", "a.safetensors:1:lbw=1,2,3", "--output", str(tmp_path)])
+    assert rc == 2 and capsys.readouterr().err.strip().startswith("sdlora: error: lbw '1,2,3' has 3 values")
+    rc = main(["merge", "--lora", "a.safetensors:lbw=OUTSIDE", "--output", str(tmp_path / "m.safetensors")])
+    assert rc == 2 and "expected a preset" in capsys.readouterr().err

@@ -162,8 +162,7 @@ function drawLoss(losses) {
   line("loss", "#9db8ef", 1); line("loss_smooth", "#2f6fdf", 2);
   g.fillStyle = "#d9480f";
   for (const r of losses.filter((r) => r.val_loss != null)) { g.beginPath(); g.arc(X(r.step), Y(r.val_loss), 3.5, 0, 7); g.fill(); }
-  g.fillStyle = "#2f6fdf"; g.fillText("training loss: smoothed (dark), per step (light)", W - 420, 22);
-  if (losses.some((r) => r.val_loss != null)) { g.fillStyle = "#d9480f"; g.fillText("● validation", W - 120, 22); }
+  $("val-legend").hidden = !losses.some((r) => r.val_loss != null);
 }
 
 async function start() {

@@ -24,7 +24,7 @@ function libraryItem(l) {
   return el("div", { class: "lib", "data-path": l.path },
     l.thumbnail ? el("img", { src: l.thumbnail, alt: "" }) : el("div", { class: "noimg" }),
     el("div", {}, el("div", { class: "name" }, l.title || l.name), ...facts.map((f) => el("div", { class: "meta" }, f)),
-      el("div", { class: "meta" }, l.path),
+      el("div", { class: "meta" }, `in ${l.path.includes("/") ? l.path.slice(0, l.path.lastIndexOf("/") + 1) : "the root"}`),
       el("button", { class: "add", onclick: () => addToMix(l) }, mix.some((m) => m.path === l.path) ? "in the mix" : "Add")));
 }
 
