@@ -15,8 +15,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zero-terminal-snr", action="store_true", help="the base was trained with a zero-terminal-SNR schedule")
     p.add_argument("--prompt", required=True, help="prompt; A1111 tags like <lora:NAME:0.8> load LoRAs from --lora-dir")
     p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:S[:TE]]",
-                   help="LoRA file at UNet strength S and text-encoder strength TE (default 1; negative allowed); repeatable")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:S[:TE]][:lbw=BLOCKS]",
+                   help="LoRA file at UNet strength S and text-encoder strength TE (default 1; negative allowed), "
+                        "per-block strengths lbw= a preset (ALL, INALL, MIDD, OUTALL...) or 17 comma-separated "
+                        "values (BASE,IN01,IN02,IN04,IN05,IN07,IN08,MID,OUT03..OUT11); repeatable")
     p.add_argument("--lora-dir", help="folder searched for <lora:NAME:...> tags in the prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default: 0)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
@@ -54,7 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     base = load_base(args.base, precision, device, args.vae, args.v_prediction, args.zero_terminal_snr)
     mixer = LoraMixer(base)
     for spec, adapter in zip(specs, adapters):
-        mixer.add(adapter, spec.strength, spec.te_strength)
+        mixer.add(adapter, spec.strength, spec.te_strength, blocks=spec.blocks)
     opts = GenerateOptions(prompt, args.negative, args.seed, args.steps, args.guidance, args.width, args.height,
                            args.num_images, args.scheduler, args.cuda_graph)
     if args.fuse and specs:

@@ -11,11 +11,12 @@ from sdlora.cli import files as cli_files
 from sdlora.cli import generate as cli_generate
 from sdlora.cli import merge as cli_merge
 from sdlora.cli import train as cli_train
+from sdlora.cli import ui as cli_ui
 from sdlora.errors import SdloraError
 from sdlora.util import configure_cpu_threads, describe_os_error
 
 # Every command module, in --help order; each has register(subparsers).
-COMMANDS = (cli_train, cli_generate, cli_eval, cli_merge, cli_files)
+COMMANDS = (cli_train, cli_generate, cli_eval, cli_merge, cli_files, cli_ui)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,8 +27,9 @@ def register(subparsers) -> None:
                               epilog=EPILOG_MERGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("--base", help="base to bake into ('tiny', a diffusers folder or a hub id); without it the LoRAs "
                                   "are combined into one LoRA file")
-    m.add_argument("--lora", action="append", required=True, metavar="FILE[:S[:TE]]",
-                   help="LoRA at UNet strength S and text-encoder strength TE (default 1; negative allowed); repeatable")
+    m.add_argument("--lora", action="append", required=True, metavar="FILE[:S[:TE]][:lbw=BLOCKS]",
+                   help="LoRA at UNet strength S and text-encoder strength TE (default 1; negative allowed), per-block "
+                        "strengths baked in with lbw= a preset (OUTALL...) or 17/26 (SD1) or 12/20 (SDXL) values; repeatable")
     m.add_argument("--output", required=True, help="a folder (diffusers) or FILE.safetensors")
     m.add_argument("--rank", type=int, help="LoRA merge only: SVD of the summed update to this rank per module "
                                             "(default: exact, ranks concatenated)")

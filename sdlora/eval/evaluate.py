@@ -111,7 +111,7 @@ def run_eval(
 
     checker = load_checker() if use_checker else None
     mixer = LoraMixer(base)
-    names = [mixer.load(s.path, s.strength, s.te_strength) for s in specs]
+    names = [mixer.load(s.path, s.strength, s.te_strength, blocks=s.blocks) for s in specs]
     report = EvalReport(strengths, [p.text for p in prompts], styles)
     grid: list[list[Image.Image]] = []
     for k in strengths:

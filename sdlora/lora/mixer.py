@@ -15,6 +15,7 @@ from sdlora.formats.detect import LABELS, canonical_modules, context_width, gues
 from sdlora.formats.kohya import AdapterFile, load_adapter
 from sdlora.formats.names import NameTable
 from sdlora.formats.names_sdxl import SgmNameTable
+from sdlora.lora.blocks import block_multiplier, block_table, check_fits
 from sdlora.lora.layer import DeltaAdapter, LoraAdapter, LoraHost
 from sdlora.lora.specs import check_strengths
 from sdlora.lora.targets import all_lora_layers, ensure_host
@@ -30,6 +31,11 @@ class LoraMixer:
         self.warn = warn
         self.loaded: dict[str, list[LoraHost]] = {}
         self._te_hosts: set[int] = set()
+        # per adapter: (UNet strength, text-encoder strength or None, block vector or None), and each host's block
+        self.settings: dict[str, tuple[float, float | None, tuple[float, ...] | None]] = {}
+        self._host_keys: dict[str, list[str]] = {}
+        lpb = getattr(base.unet.config, "layers_per_block", 2)
+        self._layers_per_block = int(lpb[0] if isinstance(lpb, (list, tuple)) else lpb)
 
     @property
     def names(self) -> NameTable:
@@ -45,10 +51,14 @@ class LoraMixer:
                 layers[name] = (te, path, mod, True)
         return layers
 
-    def load(self, path: str | Path, strength: float = 1.0, te_strength: float | None = None, name: str | None = None) -> str:
-        return self.add(load_adapter(path), strength, te_strength, name)
+    def load(self, path: str | Path, strength: float = 1.0, te_strength: float | None = None, name: str | None = None,
+             blocks: tuple[float, ...] | None = None) -> str:
+        return self.add(load_adapter(path), strength, te_strength, name, blocks)
 
-    def add(self, adapter: AdapterFile, strength: float = 1.0, te_strength: float | None = None, name: str | None = None) -> str:
+    def add(self, adapter: AdapterFile, strength: float = 1.0, te_strength: float | None = None, name: str | None = None,
+            blocks: tuple[float, ...] | None = None) -> str:
+        """Attach a file as adapter `name`; `blocks` (a LoRA Block Weight vector) scales each block's strength."""
+        table = self._block_table(blocks)
         label = str(adapter.path) if adapter.path else "adapter"
         check_strengths(label, strength, te_strength)
         adapter.require_finite()
@@ -77,7 +87,7 @@ class LoraMixer:
         if misfits:
             shown = ", ".join(misfits[:10]) + (f" and {len(misfits) - 10} more" if len(misfits) > 10 else "")
             self.warn(f"{label}: {len(misfits)} of {total} modules do not fit this base and are ignored: {shown}")
-        hosts = []
+        hosts, keys = [], []
         te_s = strength if te_strength is None else te_strength
         for key, (model, path, _, is_te), w in fits:
             host = ensure_host(model, path, key)
@@ -89,25 +99,55 @@ class LoraMixer:
                     layer.down.weight.copy_(w.down.reshape(layer.down.weight.shape))
                     layer.up.weight.copy_(w.up.reshape(layer.up.weight.shape))
             layer.requires_grad_(False)
-            host.add(name, layer, te_s if is_te else strength)
+            multiplier = block_multiplier(key, table, self._layers_per_block)
+            host.add(name, layer, (te_s if is_te else strength) * multiplier)
             if is_te:
                 self._te_hosts.add(id(host))
             hosts.append(host)
+            keys.append(key)
         self.loaded[name] = hosts
+        self._host_keys[name] = keys
+        self.settings[name] = (float(strength), te_strength, blocks)
         return name
 
     def set_strength(self, name: str, strength: float, te_strength: float | None = None) -> None:
         check_strengths(name, strength, te_strength)
+        """New strengths, in place (CUDA graphs stay valid); the adapter's block vector still applies."""
+        self._apply(name, strength, te_strength, self._settings(name)[2])
+
+    def set_blocks(self, name: str, blocks: tuple[float, ...] | None) -> None:
+        """A new LoRA Block Weight vector (None: every block at 1) at the adapter's current strengths, in place."""
+        strength, te_strength, _ = self._settings(name)
+        self._apply(name, strength, te_strength, blocks)
+
+    def _apply(self, name: str, strength: float, te_strength: float | None, blocks: tuple[float, ...] | None) -> None:
+        table = self._block_table(blocks)
         te_s = strength if te_strength is None else te_strength
-        for host in self._hosts(name):
+        for host, key in zip(self._hosts(name), self._host_keys[name]):
             if host.fused:
                 raise SdloraError("unfuse before changing strengths")
-            host.set_strength(name, te_s if id(host) in self._te_hosts else strength)
+            s = te_s if id(host) in self._te_hosts else strength
+            host.set_strength(name, s * block_multiplier(key, table, self._layers_per_block))
+        self.settings[name] = (float(strength), te_strength, blocks)
+
+    def _settings(self, name: str) -> tuple[float, float | None, tuple[float, ...] | None]:
+        self._hosts(name)  # the one-line error for an unknown name
+        return self.settings[name]
+
+    def _block_table(self, blocks: tuple[float, ...] | None) -> dict[str, float] | None:
+        if blocks is None:
+            return None
+        family = self.base.family
+        sdxl = getattr(family, "name", "") == "sdxl" or str(family.version).startswith("sdxl")
+        check_fits(blocks, "sdxl" if sdxl else "sd1")
+        return block_table(blocks)
 
     def remove(self, name: str) -> None:
         for host in self._hosts(name):
             host.remove(name)
         del self.loaded[name]
+        self.settings.pop(name, None)
+        self._host_keys.pop(name, None)
 
     def _hosts(self, name: str) -> list[LoraHost]:
         if name not in self.loaded:

@@ -11,6 +11,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdlora.errors import SdloraError
+from sdlora.lora.blocks import format_block_weights
 from sdlora.lora.specs import LoraSpec
 from sdlora.models.base import BaseModel
 
@@ -97,7 +98,8 @@ def decode_latents(base: BaseModel, latents: torch.Tensor, image_processor) -> l
 
 def a1111_parameters(opts: GenerateOptions, model: str, specs: list[LoraSpec]) -> str:
     """A1111's `parameters` text for the PNGs, so the settings travel with the image."""
-    loras = ", ".join(f"{Path(s.path).stem}:{s.strength}" for s in specs)
+    loras = ", ".join(f"{Path(s.path).stem}:{s.strength}" + (f":lbw={format_block_weights(s.blocks)}" if s.blocks else "")
+                      for s in specs)
     return (f"{opts.prompt}\nNegative prompt: {opts.negative}\nSteps: {opts.steps}, Sampler: {opts.scheduler or 'dpm++'}, "
             f"CFG scale: {opts.guidance}, Seed: {opts.seed}, Model: {model}" + (f", LoRAs: {loras}" if loras else ""))
 

@@ -23,6 +23,7 @@ from sdlora.formats.kohya import AdapterFile, ModuleWeights, file_sha256, load_a
 from sdlora.formats.metadata import apply_dims, modelspec_architecture
 from sdlora.formats.names import SD1_NAMES
 from sdlora.formats.names_sdxl import SDXL_NAMES
+from sdlora.lora.blocks import block_multiplier, block_table, check_fits, format_block_weights
 from sdlora.lora.specs import LoraSpec, check_strengths
 from sdlora.tools.resize import ReduceReport, as_matrices, reduce_modules, require_plain_lora
 from sdlora.util import torch_dtype
@@ -56,7 +57,8 @@ def merged_from(adapters: list[AdapterFile], specs: list[LoraSpec]) -> str:
     parts = []
     for a, s in zip(adapters, specs):
         te = f":{s.te_strength:g}" if s.te_strength is not None else ""
-        parts.append(f"{_title(a)}:{s.strength:g}{te}")
+        lbw = f":lbw={format_block_weights(s.blocks)}" if s.blocks else ""
+        parts.append(f"{_title(a)}:{s.strength:g}{te}{lbw}")
     return ", ".join(parts)
 
 
@@ -64,14 +66,20 @@ def concat_modules(adapters: list[AdapterFile], specs: list[LoraSpec]) -> dict[s
     """Exact merge: per module, downs stacked and ups side by side with s_i * alpha_i / r_i folded into up.
 
     Then up @ down = sum_i s_i (alpha_i/r_i) up_i @ down_i and alpha = total rank (scale 1). A module missing
-    from a file just gets no block from it.
+    from a file just gets no block from it; a spec's block vector scales s_i per UNet block, and a module whose every
+    contribution is 0 (a block switched off) is left out, so the file leaves that layer at the base.
     """
     groups: dict[str, list[tuple[ModuleWeights, float, str]]] = {}
     for a, spec in zip(adapters, specs):
         te_s = spec.strength if spec.te_strength is None else spec.te_strength
+        table = None
+        if spec.blocks is not None:
+            check_fits(spec.blocks, "sdxl" if guess_architecture(a)[0] == "sdxl" else "sd1")
+            table = block_table(spec.blocks)
         for name, m in a.modules.items():
-            s = te_s if name.startswith("lora_te") else spec.strength
-            groups.setdefault(name, []).append((m, s, str(a.path)))
+            s = (te_s if name.startswith("lora_te") else spec.strength) * block_multiplier(name, table)
+            if s != 0.0:
+                groups.setdefault(name, []).append((m, s, str(a.path)))
     out = {}
     for name, items in sorted(groups.items()):
         first, _, where = max(items, key=lambda i: i[0].down.dim())  # a 1x1 conv may come as 2-D from peft files
@@ -143,6 +151,8 @@ def merge_loras(specs: list[LoraSpec], output: str | Path, rank: int | None = No
         raise SdloraError(f"the LoRAs are for different base models ({', '.join(sorted(versions))}); refusing to merge them")
     adapters = same_family(adapters)
     modules = concat_modules(adapters, specs)
+    if not modules:
+        raise SdloraError("nothing to merge: every module's strength is 0")
     report = None
     if rank is not None:
         modules, report = reduce_modules(modules, rank=rank, dtype=torch_dtype(save_dtype))
@@ -181,7 +191,7 @@ def bake_into_base(base_name: str, specs: list[LoraSpec], output: str | Path, sa
     base = load_base(base_name, "fp32", "cpu")
     mixer = LoraMixer(base)
     for adapter, spec in zip(adapters, specs):
-        mixer.add(adapter, spec.strength, spec.te_strength)
+        mixer.add(adapter, spec.strength, spec.te_strength, blocks=spec.blocks)
     mixer.fuse()
     for model in (base.unet, *base.text_encoders.values()):
         _unwrap_hosts(model)
@@ -193,7 +203,7 @@ def bake_into_base(base_name: str, specs: list[LoraSpec], output: str | Path, sa
         "modelspec.merged_from": f"{base_name}, " + merged_from(adapters, specs),
         "base": str(base_name),
         "loras": [{"file": str(s.path), "sha256": file_sha256(s.path), "strength": s.strength,
-                   "te_strength": s.te_strength} for s in specs],
+                   "te_strength": s.te_strength, "lbw": list(s.blocks) if s.blocks else None} for s in specs],
         "sdlora_version": __version__,
     }
     _save_folder(base, output, dtype, info)
