@@ -86,6 +86,25 @@ def test_generate_cli_takes_a_long_prompt_and_training_warns_once(capsys, tmp_pa
     assert err.count("longer than CLIP's 77 tokens") == 1 and "1 of 2 captions" in err
 
 
+def test_training_keeps_every_token_of_a_long_sample_prompt(base):
+    """With the text-encoder LoRA on, training keeps only the token rows it uses on the device: a long sample
+    prompt is generated in chunks, so its tokens past 77 must be kept too, not read as padding."""
+    from sdlora.training.conditioning import Conditioning
+
+    tok, te = base.tokenizers["text_encoder"], base.text_encoders["text_encoder"]
+    prompt = f"{FILLER}, zebra giraffe octopus"  # words that appear nowhere in the first 77 tokens or the captions
+    late = torch.tensor(tok(prompt, add_special_tokens=False).input_ids[-3:])  # zebra, giraffe, octopus
+    assert not set(late.tolist()) & set(tok(f"{FILLER}, a red circle").input_ids[:77])
+    with torch.no_grad():
+        full = te.get_input_embeddings()(late).clone()
+    cond = Conditioning(base, ["a red circle"], [prompt], trainable=True, device=torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            assert torch.equal(te.get_input_embeddings()(late), full)
+    finally:
+        cond.close()
+
+
 # ---------------------------------------------------------------- all-linear = kohya's full set
 
 

@@ -8,6 +8,7 @@ import contextlib
 import torch
 
 from sdlora.models.base import BaseModel
+from sdlora.sample.prompts import token_ids
 from sdlora.training.step import to_device
 from sdlora.training.token_rows import base_token_rows
 
@@ -25,8 +26,9 @@ class Conditioning:
         self._trimmed = contextlib.ExitStack()  # the token tables, trimmed while training; put back by close()
         if trainable:  # captions are tokenized once; the text encoder (with its LoRA) runs in every step
             self.token_ids = self.family.tokenize(base, captions)
-            sampled = self.family.tokenize(base, [*extra_prompts, ""])  # sample prompts and the empty negative
-            rows = {k: torch.cat([ids, sampled[k]]) for k, ids in self.token_ids.items()}
+            # sample prompts are generated whole (long ones in 75-token chunks), so every token they hold stays
+            rows = {k: torch.cat([ids.flatten(), _all_tokens(base.tokenizers[k], extra_prompts)])
+                    for k, ids in self.token_ids.items()}
             self._trimmed.enter_context(base_token_rows(base, rows))
         else:  # frozen text encoders: each caption is encoded once and kept on the device
             self.cached = {k: v.to(device, base.dtype) for k, v in encode_captions(base, captions).items()}
@@ -72,3 +74,10 @@ def encode_captions(base: BaseModel, captions: list[str]) -> dict[str, torch.Ten
         for k, v in base.family.encode_text(base, base.family.tokenize(base, chunk)).items():
             parts.setdefault(k, []).append(v.cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _all_tokens(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Every token id the prompts use, uncut, plus BOS, EOS and padding (the empty negative's window)."""
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    return torch.tensor([i for i in special if i is not None] + [i for p in prompts for i in token_ids(tokenizer, p)],
+                        dtype=torch.long)
