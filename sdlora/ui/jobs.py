@@ -51,19 +51,22 @@ class Jobs:
 
     def busy(self) -> Job | None:
         with self._lock:
-            for job in self.jobs.values():
-                self._poll(job)
-                if job.status in ("running", "stopping"):
-                    return job
+            return self._busy()
+
+    def _busy(self) -> Job | None:
+        for job in self.jobs.values():
+            self._poll(job)
+            if job.status in ("running", "stopping"):
+                return job
         return None
 
     def start(self, name: str, output: Path, args: list[str], total: int | None) -> Job:
         """Run `sdlora train` with `args`; refused while another job runs (one job uses the device at a time)."""
-        running = self.busy()
-        if running:
-            raise SdloraError(f"'{running.name}' is training ({self._step_text(running)}): one job uses the device "
-                              "at a time; wait for it to finish or stop it")
-        with self._lock:
+        with self._lock:  # checked and started under one lock: two clicks cannot start two jobs
+            running = self._busy()
+            if running:
+                raise SdloraError(f"'{running.name}' is training ({self._step_text(running)}): one job uses the "
+                                  "device at a time; wait for it to finish or stop it")
             self._count += 1
             job_id = f"job{self._count}"
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +122,7 @@ class Jobs:
         with self._lock:
             self._poll(job)
             self._read_log(job)
-        progress = _read_json(job.output / "progress.json")
+        progress = _read_json(job.output / "progress.json") if _fresh(job.output / "progress.json", job) else None
         step = int(progress.get("step") or 0) if progress else max((r["step"] for r in job.records), default=0)
         total = int(progress["total"]) if progress and progress.get("total") else job.total
         if job.status == "done" and total:
@@ -150,7 +153,7 @@ class Jobs:
     def _read_log(self, job: Job) -> None:
         """New complete lines of train_log.jsonl (a line still being written waits for the next poll)."""
         path = job.output / "train_log.jsonl"
-        if not path.is_file():
+        if not _fresh(path, job):  # a replaced run's old log (before --overwrite empties the folder) is not ours
             return
         with open(path, "rb") as f:
             f.seek(job._log_offset)
@@ -181,8 +184,18 @@ class Jobs:
         return f"finished: {relative(self.root, job.output / (job.name + '.safetensors'))}"
 
     def _step_text(self, job: Job) -> str:
-        step = max((r["step"] for r in job.records), default=0)
-        return f"step {step}/{job.total}" if job.total else f"step {step}"
+        progress = (_read_json(job.output / "progress.json") if _fresh(job.output / "progress.json", job) else None) or {}
+        step = progress.get("step") or max((r["step"] for r in job.records), default=0)
+        total = progress.get("total") or job.total
+        return f"step {step}/{total}" if total else f"step {step}"
+
+
+def _fresh(path: Path, job: Job) -> bool:
+    """Written since the job started: files of the run this job replaces are not its progress."""
+    try:
+        return path.stat().st_mtime >= job.started - 1
+    except OSError:
+        return False
 
 
 def _read_json(path: Path) -> dict | None:
