@@ -76,29 +76,16 @@ def sdxl_pipeline(parts: dict):
 
 
 def sdxl_base(parts: dict, name: str = "small-sdxl"):
-    """An sdlora BaseModel over deep copies of `parts`, with a family that names files the SDXL way."""
-    from sdlora.formats.names_sdxl import SgmNameTable
-    from sdlora.models.base import BaseModel
-    from sdlora.models.family import ModelFamily
-
-    class SmallXL(ModelFamily):
-        name = "sdxl"
-        text_encoder_keys = ("text_encoder", "text_encoder_2")
-        pipeline_class = "StableDiffusionXLPipeline"
-
-        @property
-        def te_prefixes(self) -> dict[str, str]:
-            return {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
-
-        @property
-        def names(self) -> SgmNameTable:
-            return SgmNameTable.from_unet_config(SMALL_UNET)
+    """An sdlora BaseModel of the SDXL family over deep copies of `parts`."""
+    from sdlora.models.base import BaseModel, Components
+    from sdlora.models.sdxl import SDXLFamily
 
     p = _copies(parts)
-    return BaseModel(name=name, path=Path(name), family=SmallXL("sdxl_base_v1-0", False), unet=p["unet"], vae=p["vae"],
-                     text_encoders={"text_encoder": p["text_encoder"], "text_encoder_2": p["text_encoder_2"]},
-                     tokenizers={"text_encoder": p["tokenizer"], "text_encoder_2": p["tokenizer_2"]},
-                     noise_scheduler=p["scheduler"], dtype=torch.float32)
+    tes = {"text_encoder": p["text_encoder"], "text_encoder_2": p["text_encoder_2"]}
+    toks = {"text_encoder": p["tokenizer"], "text_encoder_2": p["tokenizer_2"]}
+    family = SDXLFamily.from_components(Components(p["unet"], p["vae"], tes, toks, p["scheduler"], SDXLFamily))
+    return BaseModel(name=name, path=Path(name), family=family, unet=p["unet"], vae=p["vae"], text_encoders=tes,
+                     tokenizers=toks, noise_scheduler=p["scheduler"], dtype=torch.float32)
 
 
 def outputs(unet, te1, te2, seed: int = 0) -> dict[str, torch.Tensor]:

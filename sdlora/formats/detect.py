@@ -74,9 +74,9 @@ def sdxl_by_names(adapter: AdapterFile) -> bool | None:
 
 def context_width(adapter: AdapterFile) -> int | None:
     """The cross-attention context width the file's attn2 to_k/to_v LoRAs were made for (768 SD1, 2048 SDXL)."""
-    for name, w in {**adapter.modules, **adapter.deltas}.items():
-        if re.search(r"attn2_to_[kv]$", name) and (width := _in_width(w)):
-            return width
+    for name, w in adapter.modules.items():  # LoRA pairs only: a full delta's width is left to the shape check
+        if re.search(r"attn2_to_[kv]$", name):
+            return int(w.down.shape[1])
     return None
 
 
