@@ -291,8 +291,10 @@ def test_bad_strengths_name_the_strength_and_the_forms(capsys, tmp_path, suffix,
 
 def test_prompt_tag_multipliers_must_be_finite_numbers(capsys, tmp_path):
     tiny_lora(tmp_path / "style.safetensors")
-    for tag, needle in (("<lora:style:inf>", "not a finite number"), ("<lora:style:1:2:3>", "bad prompt tag"),
-                        ("<lora:style:abc>", "multipliers are numbers")):
+    for tag, needles in (("<lora:style:inf>", ["<lora:style:inf>", "not a finite number"]),
+                         ("<lora:style:1:2:3>", ["<lora:style:1:2:3>", "bad prompt tag"]),
+                         ("<lora:style:abc>", ["lbw 'abc'", "expected a preset"]),  # a word there is a block preset
+                         ("<lora:style:te=x>", ["<lora:style:te=x>", "multipliers are numbers"])):
         rc, _, err = run(capsys, "generate", "--prompt", f"a circle {tag}", "--lora-dir", tmp_path, "--steps", 1,
                          "--output", tmp_path / "i")
-        one_error_line(rc, err, tag, needle)
+        one_error_line(rc, err, *needles)
