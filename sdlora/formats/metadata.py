@@ -80,6 +80,7 @@ def training_metadata(
     session_id: str | None = None,
     cache_latents: bool = False,
     zero_terminal_snr: bool = False,
+    fp8_base: bool = False,
 ) -> dict[str, str]:
     """Metadata for one saved adapter. `resolution` is (width, height).
 
@@ -122,6 +123,7 @@ def training_metadata(
         "ss_base_model_version": base_model_version,
         "ss_clip_skip": clip_skip,
         "ss_max_grad_norm": max_grad_norm,
+        "ss_fp8_base": fp8_base,  # kohya: the frozen base was stored in fp8
         "ss_optimizer": optimizer,
         "ss_seed": seed,
         "ss_noise_offset": noise_offset,

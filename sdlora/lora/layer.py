@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdlora.errors import SdloraError
 from sdlora.formats.deltas import compose_lora
+from sdlora.models.fp8 import is_fp8, layer_weight
 
 _structure_version = [0]
 
@@ -93,7 +95,7 @@ class DeltaAdapter(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """ΔW in the base weight's shape, fp32."""
         if self.delta is None:
-            w = self._base[0].weight
+            w = layer_weight(self._base[0])
             self.delta = self._compute(w.detach()).to(w.device, torch.float32).reshape(w.shape)
         return self.delta
 
@@ -190,7 +192,7 @@ class LoraHost(nn.Module):
     @torch.no_grad()
     def _merged_weight(self) -> torch.Tensor:
         """W + sum s*dW in W's dtype: what fuse writes, and the GPU inference copy."""
-        w = self.base.weight
+        w = layer_weight(self.base)  # an fp8-stored weight in its compute dtype
         delta = sum((a.delta_weight() * s for n, a in self.adapters.items() if (s := self.strengths[n]) != 0.0),
                     torch.zeros((), device=w.device))
         return (w.float() + delta).to(w.dtype)
@@ -225,11 +227,17 @@ class LoraHost(nn.Module):
                 y = y + (adapter(x) * s).to(y.dtype)
         return y
 
+    def check_fusable(self) -> None:
+        if is_fp8(self.base):  # W + dW rounded back to e4m3 would lose most of a LoRA's small update
+            raise SdloraError(f"{self.kohya_name}: LoRAs cannot be fused into base weights stored in fp8; "
+                              "generate unfused, or load the base without fp8")
+
     @torch.no_grad()
     def fuse(self) -> None:
         """Fold every active adapter into the weight; the original is kept so unfuse is exact."""
         if self.fused:
             return
+        self.check_fusable()
         w = self.base.weight
         self._backup = w.detach().clone()
         w.copy_(self._merged_weight())

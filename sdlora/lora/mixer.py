@@ -164,7 +164,10 @@ class LoraMixer:
         return out
 
     def fuse(self) -> None:
-        for h in self._all_hosts():
+        hosts = self._all_hosts()
+        for h in hosts:
+            h.check_fusable()  # all or nothing: an fp8-stored layer refuses before any weight changes
+        for h in hosts:
             h.fuse()
 
     def unfuse(self) -> None:

@@ -42,6 +42,7 @@ class TrainConfig:
     precision: str | None = opt(None, "dtype of the frozen base weights: fp32, fp16, bf16 (default: fp32 on CPU, bf16 on GPU)", choices=["fp32", "fp16", "bf16"])
     vae: str | None = opt(None, "a VAE to use instead of the base's: a diffusers VAE folder, hub id or .safetensors; one whose config says force_upcast false (e.g. madebyollin/sdxl-vae-fp16-fix) runs in fp16, others stay fp32 under fp16 (SDXL's VAE overflows)")
     v_prediction: bool = opt(False, "the base predicts v (NoobAI-XL v-pred, SD 2.x 768-v) though its scheduler config or file does not say so")
+    fp8_base: bool = opt(False, "low-memory mode: store the frozen UNet's Linear/Conv weights in float8 (e4m3, one scale per output channel) and up-cast each layer for its matmul, as kohya's --fp8_base; LoRA parameters stay fp32 (SDXL's UNet: 4.8 -> 2.4 GiB)")
     zero_terminal_snr: bool = opt(False, "rescale the noise schedule to zero terminal SNR (what v-prediction bases such as NoobAI-XL v-pred were trained with)")
     # LoRA
     rank: int = opt(4, "LoRA rank (dim)")

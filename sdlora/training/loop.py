@@ -33,6 +33,7 @@ from sdlora.training.setup import (
     make_optimizer,
     pick_device,
     pick_precisions,
+    place_unet,
     set_attention,
     te_lr,
     use_cuda_graph,
@@ -74,11 +75,13 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the peak reported covers the whole run, caching included
     accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
-    base = load_base(cfg.base, weight_precision, device, cfg.vae, cfg.v_prediction, cfg.zero_terminal_snr)
+    # on the host first: each part moves to the device for its phase (VAE, encoders, then the UNet: place_unet)
+    base = load_base(cfg.base, weight_precision, "cpu", cfg.vae, cfg.v_prediction, cfg.zero_terminal_snr)
     cfg = apply_base_defaults(cfg, base.path)
     attention = set_attention(base, cfg.attention, warn)
     resolution = cfg.resolution or base.resolution
     cache_dir = out / "cache" if cfg.cache_latents == "disk" else None
+    base.vae.to(device)
     examples = encode_images(items, base.vae, resolution, cfg.buckets, cfg.center_crop, cfg.flip, cfg.seed, cache_dir, cfg.progress)
     val_examples = encode_images(val_items, base.vae, resolution, cfg.buckets, True, False, cfg.seed, None, False) if val_items else []
     base.vae.to("cpu")  # not needed while training; frees GPU memory (sampling moves it back)
@@ -91,7 +94,10 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     info(f"LoRA rank {cfg.rank} on {len(unet_hosts)} UNet + {len(te_hosts)} text-encoder modules "
          f"({sum(p.numel() for p in params):,} trainable parameters), attention: {attention}")
     captions = sorted({e.item.caption for e in examples + val_examples})
+    for te in base.text_encoders.values():
+        te.to(device)  # a frozen one goes back to the host once its captions are encoded
     cond = Conditioning(base, captions, cfg.sample_prompt, cfg.text_encoder and bool(te_hosts), device)
+    place_unet(base, device, cfg.fp8_base, info)
 
     n_batches = len(epoch_batches(examples, batch_size, cfg.seed, 0))
     total = cfg.steps or math.ceil(cfg.epochs * n_batches / cfg.grad_accum)

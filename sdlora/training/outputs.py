@@ -76,7 +76,7 @@ class Outputs:
             tag_frequency=tag_frequency(f.items), dataset_dirs=dataset_dirs(f.items), training_started_at=f.started,
             training_finished_at=finished, sd_model_name=str(cfg.base), comment=cfg.comment,
             trigger_phrase=cfg.trigger, title=cfg.name, description=cfg.description, session_id=f.session,
-            cache_latents=True, zero_terminal_snr=cfg.zero_terminal_snr,
+            cache_latents=True, zero_terminal_snr=cfg.zero_terminal_snr, fp8_base=cfg.fp8_base,
         )
         return meta
 

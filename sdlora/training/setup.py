@@ -53,6 +53,20 @@ def set_attention(base: BaseModel, attention: str, warn: Callable[[str], None]) 
         return "sdpa"
 
 
+def place_unet(base: BaseModel, device: torch.device, fp8: bool, info: Callable[[str], None] = _info) -> None:
+    """The UNet reaches the device after latents and text embeddings are cached (so the VAE's and the encoders'
+    work never sits beside it in memory); with `fp8` its frozen layers are stored in float8 on the way, one layer
+    at a time (sdlora/models/fp8.py)."""
+    if fp8:
+        from sdlora.models.fp8 import store_fp8
+
+        before = sum(p.numel() * p.element_size() for p in base.unet.parameters())
+        n = store_fp8(base.unet, device)
+        after = sum(p.numel() * p.element_size() for p in base.unet.parameters())
+        info(f"fp8 base: {n} UNet layers stored as float8_e4m3fn ({before / 2**30:.2f} -> {after / 2**30:.2f} GiB)")
+    base.unet.to(device)
+
+
 def te_lr(cfg: TrainConfig, prefix: str | None = None) -> float:
     """A text encoder's LoRA learning rate; SDXL's two may differ (--te1-lr / --te2-lr, 0 = no LoRA there)."""
     own = {"lora_te1": cfg.te1_lr, "lora_te2": cfg.te2_lr}.get(prefix or "")
