@@ -9,8 +9,12 @@ kohya layout, for each --targets layout (cross-attn: what `sdlora train` writes;
 each switch; "0 LoRAs" here is every LoRA removed, whose emptied hosts run the plain layer): slow drift of the machine then falls on every case alike, and each case is reported as the median over
 rounds of its time relative to the 0-LoRA call of the same round.
 
+--family sdxl (issue 16): the SDXL architecture (random weights, scripts/make_random_sdxl.py) at 1024 px, 30 steps,
+bf16, LoRAs over kohya's all-linear set on the UNet and both text encoders; each row also gives ms_per_image.
+
 GPU:  python scripts/bench_generate.py --json benchmarks/bench-generate.json
-CPU smoke test: --small --device cpu --steps 2 --repeats 1
+      python scripts/bench_generate.py --family sdxl --work /tmp/bench --json benchmarks/bench-generate-sdxl.json
+CPU smoke test: --small --device cpu --steps 2 --repeats 1 [--family sdxl]
 """
 
 from __future__ import annotations
@@ -29,19 +33,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_train import environment, random_base, sync  # noqa: E402 - scripts/ is on the path above
+from bench_util import environment, native_size, random_base, sync  # noqa: E402 - scripts/ is on the path above
 
 PROMPT = "sks sketch, a small red circle above a blue square on a grey background"
 
 
 def random_lora(base, path: Path, targets: str, rank: int, seed: int) -> Path:
-    """A LoRA file over the layers `sdlora train --targets T` would touch (text encoder included), random weights."""
+    """A LoRA file over the layers `sdlora train --targets T` would touch (text encoders included), random weights."""
     from sdlora.formats.kohya import ModuleWeights, save_adapter
     from sdlora.lora.targets import text_encoder_targets, unet_targets
 
     g = torch.Generator().manual_seed(seed)
     mods = {}
-    for t in unet_targets(base.unet, targets) + text_encoder_targets(base.text_encoders["text_encoder"]):
+    layers = unet_targets(base.unet, targets, base.family.names)
+    for prefix, key in base.family.te_prefixes.items():
+        layers += text_encoder_targets(base.text_encoders[key], prefix)
+    for t in layers:
         out_f, in_f = t.layer.weight.shape[:2]
         mods[t.kohya_name] = ModuleWeights(torch.randn(rank, in_f, generator=g) * 0.02, torch.randn(out_f, rank, generator=g) * 0.02, rank)
     save_adapter(path, mods, {"ss_output_name": path.stem}, torch.float16)
@@ -145,29 +152,36 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true", help="a tiny model of the same layout (CPU smoke test)")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--family", default="sd15", choices=["sd15", "sdxl"])
+    ap.add_argument("--steps", type=int, help="denoising steps per image (default 20; SDXL: 30)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--targets", default="cross-attn,all-linear", help="LoRA layouts to try, comma-separated")
-    ap.add_argument("--modes", default="graph,eager", help="graph: UNet replayed from CUDA graphs (the default); eager")
+    ap.add_argument("--targets", help="LoRA layouts to try, comma-separated (default cross-attn,all-linear; SDXL: all-linear)")
+    ap.add_argument("--modes", help="graph: UNet replayed from CUDA graphs (the default); eager (default graph,eager; SDXL: graph)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--interleave", type=int, default=0, help="rounds of the interleaved comparison (0: skip it)")
     ap.add_argument("--work")
     args = ap.parse_args(argv)
+    sdxl = args.family == "sdxl"
+    for key, sd15, xl in (("steps", 20, 30), ("targets", "cross-attn,all-linear", "all-linear"), ("modes", "graph,eager", "graph")):
+        if getattr(args, key) is None:
+            setattr(args, key, xl if sdxl else sd15)
     from sdlora.models.base import load_base
     from sdlora.sample.unet_graph import graphed_unet
 
     device = torch.device(args.device)
-    env = environment(device, argv)
+    env = environment(device, argv) | {"family": args.family}
     print(json.dumps(env), flush=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-gen-"))
-    folder = random_base(work, device, args.small)
-    size = 64 if args.small else 512
-    precision = "fp16" if device.type == "cuda" else "fp32"
+    folder = random_base(work, device, args.small, args.family)
+    size = native_size(args.family, args.small)
+    precision = ("bf16" if sdxl else "fp16") if device.type == "cuda" else "fp32"  # random SDXL weights overflow fp16
     results: dict = {"env": env, "rows": []}
     for mode in args.modes.split(","):
         for targets in args.targets.split(","):
             def record(case: str, mode=mode, targets=targets, **kw) -> None:
                 row = {"case": case, "mode": mode, "targets": targets, **kw}
+                if "ms_per_step" in kw:
+                    row["ms_per_image"] = kw["ms_per_step"] * args.steps
                 results["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -8,6 +8,7 @@ Each case: warm-up steps, then the median of --steps steps timed with CUDA event
 with only that case's model resident. Then the whole `sdlora train` CLI runs --cli-steps steps on a small dataset.
 
 GPU:  python scripts/bench_train.py --json benchmarks/bench-train.json [--compile]
+      python scripts/bench_train.py --family sdxl --json benchmarks/bench-train-sdxl.json   (scripts/bench_train_sdxl.py)
 CPU smoke test (tests/test_bench_scripts.py): --small --device cpu --batches 1 --steps 2 --warmup 1 --cli-steps 3
 """
 
@@ -15,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
-import platform
 import re
 import statistics
 import subprocess
@@ -32,6 +31,18 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_util import (  # noqa: E402,F401 - scripts/ is on the path above; other scripts import these from here
+    DriverPeak,
+    driver_view,
+    environment,
+    free,
+    loaded_random_base,
+    native_size,
+    random_base,
+    sync,
+    xformers_status,
+)
 
 # name -> TrainConfig overrides; the first is sdlora's default configuration.
 VARIANTS = {
@@ -50,18 +61,6 @@ VARIANTS = {
 }
 COMPILE_VARIANTS = {"compile + graph": {"compile": "on"}, "compile + graph, channels_last off": {"compile": "on", "channels_last": "off"},
                     "compile + graph, channels_last on": {"compile": "on", "channels_last": "on"}}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def time_steps(step, device: torch.device, warmup: int, steps: int) -> dict:
@@ -93,17 +92,29 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> dict:
     steady = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     peak = max(warm_peak, steady) if device.type == "cuda" else None
     return {"ms": statistics.median(times), "wall_ms": wall_ms, "warmup_s": warm_s, "peak_gib": peak, "steady_peak_gib": steady,
-            "resident_gib": torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+            "resident_gib": torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None, **driver_view(device)}
 
 
-def unet_flops(unet, batch: int, latent: int, ctx_dim: int, device: torch.device) -> float:
+def unet_inputs(unet, batch: int, latent: int, device: torch.device, g: torch.Generator | None = None) -> dict:
+    """Random conditioning of the UNet's shape: context, plus SDXL's pooled embedding and time ids (text_time)."""
+    c = unet.config
+    out = {"encoder_hidden_states": torch.randn(batch, 77, c.cross_attention_dim, device=device, generator=g, dtype=unet.dtype)}
+    if c.addition_embed_type == "text_time":
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        px = latent * 8
+        out["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, device=device, generator=g, dtype=unet.dtype),
+                                    "time_ids": torch.tensor([[px, px, 0, 0, px, px]] * batch, device=device, dtype=unet.dtype)}
+    return out
+
+
+def unet_flops(unet, batch: int, latent: int, device: torch.device) -> float:
     """Forward FLOPs of one image (torch's FlopCounterMode), the basis of the roofline."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randn(batch, 4, latent, latent, device=device, dtype=unet.dtype)
-    ctx = torch.randn(batch, 77, ctx_dim, device=device, dtype=unet.dtype)
+    cond = unet_inputs(unet, batch, latent, device)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        unet(x, torch.tensor([500] * batch, device=device), ctx)
+        unet(x, torch.tensor([500] * batch, device=device), **cond)
     return fc.get_total_flops() / batch
 
 
@@ -123,35 +134,42 @@ def matmul_rate(device: torch.device) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def bench_baseline(folder: Path, batch: int, latent: int, device: torch.device, warmup: int, steps: int) -> dict:
+def bench_baseline(folder: Path, batch: int, latent: int, device: torch.device, warmup: int, steps: int,
+                   checkpointing: bool = False) -> dict:
+    """The diffusers example's step (train_text_to_image_lora[_sdxl].py), optionally with gradient checkpointing."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
 
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.bfloat16).to(device)
     unet.requires_grad_(False)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # fp32 LoRA params, as diffusers' cast_training_params does
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-    sched = DDPMScheduler.from_pretrained(folder / "scheduler")
+    sched = DDPMScheduler.from_config(DDPMScheduler.load_config(folder / "scheduler"))
     g = torch.Generator(device).manual_seed(0)
     latents = torch.randn(batch, 4, latent, latent, device=device, generator=g)
-    ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, generator=g, dtype=torch.bfloat16)
+    cond = unet_inputs(unet, batch, latent, device, g)
 
     def step():
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (batch,), device=device)
         noisy = sched.add_noise(latents, noise, t)
         with torch.autocast(device.type, torch.bfloat16):
-            pred = unet(noisy.to(torch.bfloat16), t, ctx).sample
+            pred = unet(noisy.to(torch.bfloat16), t, **cond).sample
         F.mse_loss(pred.float(), noise.float()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     free(device)
     r = time_steps(step, device, warmup, steps)
-    return {"case": "diffusers+peft eager", "batch": batch, **r, "lora_modules": 128}
+    modules = sum(1 for n, _ in unet.named_modules() if n.endswith(".lora_A"))
+    return {"case": "diffusers+peft eager" + (", grad checkpointing" if checkpointing else ""), "batch": batch, **r,
+            "lora_modules": modules}
 
 
 @contextlib.contextmanager
@@ -171,7 +189,13 @@ def sdlora_case(base, folder: Path, work: Path, overrides: dict, batch: int, lat
     mp, _ = pick_precisions(cfg, device)
     accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
     # a fresh adapter each case
-    unet_hosts, te_hosts = inject_lora(base.unet, base.text_encoders, base.family.te_prefixes, cfg.network(), cfg.seed)
+    if cfg.fp8_base and not getattr(base, "fp8_done", False):  # irreversible on the shared base: fp8 cases run last
+        from sdlora.training.setup import place_unet
+
+        place_unet(base, device, True, print)
+        base.fp8_done = True
+    unet_hosts, te_hosts = inject_lora(base.unet, base.text_encoders, base.family.te_prefixes, cfg.network(), cfg.seed,
+                                       names=base.family.names)
     unet_params, te_params = trainable_parameters(unet_hosts), trainable_parameters(te_hosts)
     opt = accelerator.prepare(make_optimizer(cfg, unet_params, te_params, device, use_cuda_graph(cfg, device, mp)))
     g = torch.Generator(device).manual_seed(0)
@@ -179,12 +203,14 @@ def sdlora_case(base, folder: Path, work: Path, overrides: dict, batch: int, lat
     noise = torch.randn(batch, 4, latent, latent, device=device, generator=g)
     t = torch.randint(0, 1000, (batch,), device=device, generator=g)
     captions = [f"sks sketch, a small red circle number {i}" for i in range(batch)]
+    px = latent * 8
+    sizes = [((px, px), (0, 0), (px, px))] * batch  # SDXL's time ids; other families ignore them
     # as `sdlora train`: a trainable text encoder keeps only the captions' token rows on the device; a frozen
     # one is run once, its embeddings cached, and it leaves the GPU
     cond = Conditioning(base, sorted(set(captions)), [], cfg.text_encoder, device)
     try:
         step = build_train_step(base, cfg, unet_params + te_params, opt, accelerator, mp, cond.encode, total_steps, print)
-        yield step, MicroBatch(latents, noise, t, cond.inputs(captions)), cfg, len(unet_hosts) + len(te_hosts)
+        yield step, MicroBatch(latents, noise, t, cond.inputs(captions, sizes)), cfg, len(unet_hosts) + len(te_hosts)
     finally:
         cond.close()
         for te in base.text_encoders.values():
@@ -196,40 +222,15 @@ def sdlora_case(base, folder: Path, work: Path, overrides: dict, batch: int, lat
 
 def bench_sdlora(base, folder: Path, work: Path, name: str, overrides: dict, batch: int, latent: int,
                  device: torch.device, warmup: int, steps: int) -> dict:
+    free(device)
+    before = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None  # shows what earlier cases left
     with sdlora_case(base, folder, work, overrides, batch, latent, device, warmup + steps) as (step, mb, cfg, modules):
         free(device)
         r = time_steps(lambda: step([mb]), device, warmup, steps)
         graphs = len(step.graphs)
-    return {"case": name, "batch": batch, **r, "cuda_graph": graphs > 0, "lora_modules": modules,
-            "targets": cfg.targets, "text_encoder_lora": cfg.text_encoder}
-
-
-def environment(device: torch.device, argv: list[str] | None) -> dict:
-    """What a benchmark row depends on, recorded beside it."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__, "python": platform.python_version(),
-            "argv": sys.argv[1:] if argv is None else argv}
-
-
-def random_base(work: Path, device: torch.device, small: bool) -> Path:
-    """The random-weight SD1.5-layout folder under work/base, written once and reused by later runs."""
-    from make_random_sd15 import write_random_base
-
-    folder = work / "base"
-    if not (folder / "model_index.json").exists():
-        write_random_base(folder, torch.float16, device.type, small=small)
-    return folder
-
-
-def loaded_random_base(work: Path, device: torch.device, small: bool):
-    """(base, folder, latent side): the random base loaded as `sdlora train` holds it (bf16 on a GPU, VAE off the
-    device once latents are cached)."""
-    from sdlora.models.base import load_base
-
-    folder = random_base(work, device, small)
-    base = load_base(str(folder), "bf16" if device.type == "cuda" else "fp32", device)
-    base.vae.to("cpu")
-    return base, folder, 8 if small else 64
+    return {"case": name, "batch": batch, **r, "resident_before_gib": before, "cuda_graph": graphs > 0,
+            "lora_modules": modules, "targets": cfg.targets, "text_encoder_lora": cfg.text_encoder,
+            "fp8_base": cfg.fp8_base}
 
 
 def profiling_args(doc: str) -> argparse.ArgumentParser:
@@ -249,51 +250,40 @@ def profiling_setup(args: argparse.Namespace, prefix: str):
     return (device, work, *loaded_random_base(work, device, args.small))
 
 
-def bench_cli(folder: Path, work: Path, steps: int, resolution: int, device: torch.device, extra: list[str]) -> dict:
-    """The whole `sdlora train` command: data, caching, loop, logging, saving."""
+def bench_cli(folder: Path, work: Path, steps: int, resolution: int, device: torch.device, extra: list[str],
+              images_count: int = 16, out_name: str = "cli-out") -> dict:
+    """The whole `sdlora train` command: data, caching, loop, logging, saving; its peak as torch and the driver saw it."""
     from sdlora.eval.datasets import write_dataset
 
-    images = work / "cli-images"
+    images = work / f"cli-images-{images_count}-{resolution}"
     if not images.exists():
-        write_dataset("sketch", 16, resolution, 0, images, "")
+        write_dataset("sketch", images_count, resolution, 0, images, "")
     cmd = [sys.executable, "-m", "sdlora.cli.main", "train", "--base", str(folder), "--images", str(images), "--trigger", "sks sketch",
            "--rank", "4", "--steps", str(steps), "--batch-size", "1", "--resolution", str(resolution), "--device", device.type,
-           "--output", str(work / "cli-out"), "--overwrite", "--no-progress", *extra]
+           "--output", str(work / out_name), "--overwrite", "--no-progress", *extra]
     t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) as p:
+        with DriverPeak(p.pid, device) as driver:
+            _, stderr = p.communicate()
     wall = time.perf_counter() - t
     if p.returncode:
-        raise SystemExit(f"sdlora train failed:\n{p.stderr[-3000:]}")
-    its = re.search(r"([\d.]+) it/s", p.stderr)
-    peak = re.search(r"peak VRAM ([\d.]+) GiB", p.stderr)
+        raise SystemExit(f"sdlora train failed:\n{stderr[-3000:]}")
+    its = re.search(r"([\d.]+) it/s", stderr)
+    peak = re.search(r"peak VRAM ([\d.]+) GiB", stderr)
     return {"case": "sdlora train CLI" + (" " + " ".join(extra) if extra else ""), "batch": 1, "steps": steps, "wall_s": wall,
             "it_per_s": float(its.group(1)) if its else None, "peak_gib": float(peak.group(1)) if peak else None,
-            "command": " ".join(cmd[1:])}
-
-
-def xformers_status() -> str:
-    try:
-        import xformers.ops as xops
-
-        q = torch.randn(1, 16, 1, 40, device="cuda", dtype=torch.float16)
-        xops.memory_efficient_attention(q, q, q)
-        import xformers
-
-        return f"loads and runs ({xformers.__version__})"
-    except ImportError as e:
-        return f"not importable ({str(e).splitlines()[0][:120]})"
-    except Exception as e:  # installed but its kernels do not match this torch/CUDA
-        return f"imports but fails ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            **driver.result(), "command": " ".join(cmd[1:]), "output": str(work / out_name)}
 
 
 def table(rows: list[dict], roof_img_s: float) -> str:
-    base = {r["batch"]: r for r in rows if r["case"] == "diffusers+peft eager"}
+    """Markdown rows; a checkpointed case is compared with the checkpointed baseline where there is one."""
+    base = {(r["batch"], "checkpointing" in r["case"]): r for r in rows if r["case"].startswith("diffusers+peft eager")}
     out = ["| case | batch | step ms | img/s | peak GiB | % roofline | vs baseline | warm-up s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "ms" not in r:
             continue
         img_s = r["batch"] * 1000 / r["ms"]
-        b = base.get(r["batch"])
+        b = base.get((r["batch"], "checkpointing" in r["case"])) or base.get((r["batch"], False))
         ratio = f"{b['ms'] / r['ms']:.2f}x" if b else "-"
         peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
         out.append(f"| {r['case']} | {r['batch']} | {r['ms']:.1f} | {img_s:.1f} | {peak} | {100 * img_s / roof_img_s:.1f}% | {ratio} | {r['warmup_s']:.1f} |")
@@ -305,15 +295,30 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", required=True, help="where to write every measurement")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true", help="a tiny model of the same layout (CPU smoke test)")
-    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--family", default="sd15", choices=["sd15", "sdxl"], help="sdxl: 1024 px, scripts/bench_train_sdxl.py")
+    ap.add_argument("--batches", help="default 1,4,16 (SDXL: 1,4)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per case (median reported)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--variants", default="all", help="variant names separated by ';' (names hold commas), 'all', or 'default'")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile variants (minutes of compilation)")
-    ap.add_argument("--lever-batches", default="1,4,16", help="batch sizes for the lever rows (the default row uses --batches)")
-    ap.add_argument("--cli-steps", type=int, default=100)
+    ap.add_argument("--lever-batches", help="batch sizes for the lever rows (the default row uses --batches); default "
+                    "1,4,16 (SDXL: 1)")
+    ap.add_argument("--cli-steps", type=int, help="steps of the whole-CLI run(s), 0 to skip (default 100; SDXL: 50)")
+    ap.add_argument("--cli-images", type=int, help="images in the CLI's data set (default 16; SDXL: 8)")
+    ap.add_argument("--loss-steps", type=int, default=0, help="SDXL: also train N steps with and without --fp8-base "
+                    "(same seed) and compare the loss curves")
+    ap.add_argument("--parts", default="baseline,sdlora,cli", help="SDXL: which parts run (split a long run over calls)")
     ap.add_argument("--work", help="working folder (default: a temporary one)")
     args = ap.parse_args(argv)
+    sdxl = args.family == "sdxl"
+    for key, sd15, xl in (("batches", "1,4,16", "1,4"), ("lever_batches", "1,4,16", "1"), ("cli_steps", 100, 50),
+                          ("cli_images", 16, 8)):
+        if getattr(args, key) is None:
+            setattr(args, key, xl if sdxl else sd15)
+    if sdxl:
+        from bench_train_sdxl import run_sdxl
+
+        return run_sdxl(args, argv)
     device = torch.device(args.device)
     env = environment(device, argv)
     if device.type == "cuda":
@@ -333,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers import UNet2DConditionModel
 
     probe = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.bfloat16).to(device)
-    fwd = unet_flops(probe, 1, latent, probe.config.cross_attention_dim, device)
+    fwd = unet_flops(probe, 1, latent, device)
     del probe
     free(device)
     rate = matmul_rate(device)
@@ -359,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
     del base
     free(device)
     if args.cli_steps:
-        r = bench_cli(folder, work, args.cli_steps, resolution, device, [])
+        r = bench_cli(folder, work, args.cli_steps, resolution, device, [], args.cli_images)
         bare = next((x for x in results["rows"] if x["case"] == "sdlora (default)" and x["batch"] == 1), None)
         if bare and r["it_per_s"]:
             r["fraction_of_bare_step"] = r["it_per_s"] * bare["ms"] / 1000

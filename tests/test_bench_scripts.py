@@ -76,3 +76,59 @@ def test_trace_graph_memory_runs_the_chosen_case(work):
     out = trace.main(["--small", "--device", "cpu", "--case", "0", "--work", str(work), "--json", str(work / "t.json")])
     assert [c["overrides"] for c in out["cases"]] == [trace.CASES[0]]  # only the chosen case, so each can have its own process
     assert out["cases"][0]["captured"] is False  # CUDA graphs need a GPU; the CPU run checks the path, not memory
+
+
+def _finite_numbers(row: dict) -> list[float]:
+    nums = [v for v in row.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    assert all(math.isfinite(v) for v in nums), row
+    return nums
+
+
+def test_bench_train_sdxl_runs_every_case_and_the_three_cli_runs(work):
+    bench = _load("bench_train")
+    sdxl = _load("bench_train_sdxl")
+    out = bench.main(["--family", "sdxl", "--small", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batches", "1",
+                      "--cli-steps", "3", "--work", str(work), "--json", str(work / "train-sdxl.json")])
+    rows = out["rows"]
+    cases = [(r["case"], r["batch"]) for r in rows if "ms" in r]
+    baselines = [(c, 1) for c in ("diffusers+peft eager", "diffusers+peft eager, grad checkpointing")]
+    main_rows = [(c, 1) for c in sdxl.MAIN]
+    levers = [(c, 1) for c in list(sdxl.LEVERS) + list(sdxl.FP8) if "attention" not in c]  # GPU kernels are skipped
+    assert cases == baselines + main_rows + levers  # every case, in order: the fp8 ones last
+    for r in rows:
+        assert _finite_numbers(r)
+        if "ms" in r:
+            assert r["ms"] > 0
+    assert out["roofline"]["unet_forward_flop_per_image"] > 0 and "| fp8 base | 1 |" in out["table"]
+    by_case = {r["case"]: r for r in rows if r.get("batch") == 1 and "ms" in r}
+    assert by_case["diffusers+peft eager"]["lora_modules"] == 136  # attn1 + attn2 q/k/v/out of the small SDXL UNet
+    assert by_case["sdlora (default)"]["text_encoder_lora"] and by_case["fp8 base"]["fp8_base"]
+    cli = [r for r in rows if "it_per_s" in r]
+    assert [r["case"][:3] for r in cli] == ["(a)", "(b)", "(c)"]
+    for r, (flags, bare) in zip(cli, sdxl.CLI.values()):
+        assert all(f in r["command"] for f in flags) and r["bare_case"] == bare
+        assert r["it_per_s"] > 0 and r["fraction_of_bare_step"] > 0
+        assert (Path(r["output"]) / "lora.safetensors").exists()
+    loss = rows[-1]
+    assert loss["case"].startswith("loss: --fp8-base") and loss["steps"] == 3 and len(loss["fp8_losses"]) == 3
+    assert loss["bf16_losses"] != loss["fp8_losses"] and abs(loss["relative_diff_of_means"]) < 0.2
+
+
+def test_bench_generate_sdxl_runs_every_case(work):
+    bench = _load("bench_generate")
+    out = bench.main(["--family", "sdxl", "--small", "--device", "cpu", "--steps", "2", "--repeats", "1", "--rank", "4",
+                      "--work", str(work), "--json", str(work / "gen-sdxl.json")])
+    rows = out["rows"]
+    assert [r["case"] for r in rows][:5] == ["0 LoRAs", "1 LoRA unfused", "1 LoRA fused", "3 LoRAs unfused", "3 LoRAs fused"]
+    assert {r["targets"] for r in rows} == {"all-linear"} and {r["mode"] for r in rows} == {"graph"}
+    assert any(r["case"] == "change 3 strengths, unfused" and r["ms"] > 0 for r in rows)
+    for r in rows:
+        assert _finite_numbers(r)
+        if "ms_per_step" in r:
+            assert r["ms_per_image"] == r["ms_per_step"] * 2
+    lora = next((work).glob("all-linear-0.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "pt") as f:
+        prefixes = {k.split("_")[1] for k in f.keys()}
+    assert {"unet", "te1", "te2"} <= prefixes  # SDXL's kohya prefixes: the UNet and both text encoders
