@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--loss-steps", type=int, default=0, help="SDXL: also train N steps with and without --fp8-base "
                     "(same seed) and compare the loss curves")
     ap.add_argument("--parts", default="baseline,sdlora,cli", help="SDXL: which parts run (split a long run over calls)")
+    ap.add_argument("--bare-json", help="SDXL: an earlier run's JSON holding the bare steps the CLI runs are compared with")
     ap.add_argument("--work", help="working folder (default: a temporary one)")
     args = ap.parse_args(argv)
     sdxl = args.family == "sdxl"

@@ -20,9 +20,11 @@ whole-run peak from torch and the driver's per-process and device-wide view, sam
   (c) --no-text-encoder --gradient-checkpointing --fp8-base
 and the loss curves of (a) and (c) (same seed and data, --loss-steps long when given) side by side.
 
-GPU (an H200: writing the 7 GB random base ~1 min, baselines ~3 min, sdlora rows ~3 min, CLI ~3 min; --parts splits
-it over several calls sharing --work):
-  python scripts/bench_train.py --family sdxl --work /tmp/bench --json OUT/bench-train-sdxl.json [--loss-steps 200]
+GPU (an H200, estimated: writing the 7 GB random base ~1 min, baselines ~3 min, sdlora rows ~3 min, CLI ~3 min; over
+10 minutes in all, so `--parts` splits it, the CLI part reading the bare steps it is compared with from --bare-json):
+  python scripts/bench_train.py --family sdxl --work /tmp/bench --parts baseline,sdlora --json OUT/bench-train-sdxl.json
+  python scripts/bench_train.py --family sdxl --work /tmp/bench --parts cli --loss-steps 200 \
+      --bare-json OUT/bench-train-sdxl.json --json OUT/bench-train-sdxl-cli.json
 CPU smoke test: --family sdxl --small --device cpu --steps 2 --warmup 1 --cli-steps 3
 """
 
@@ -153,7 +155,8 @@ def run_sdxl(args: argparse.Namespace, argv: list[str] | None) -> dict:
         del base
         free(device)
     if "cli" in parts and args.cli_steps:
-        bare = {r["case"]: r for r in results["rows"] if r.get("batch") == 1 and "ms" in r}
+        earlier = json.loads(Path(args.bare_json).read_text())["rows"] if args.bare_json else []
+        bare = {r["case"]: r for r in earlier + results["rows"] if r.get("batch") == 1 and "ms" in r}
         runs = {}
         for label, (flags, bare_case) in CLI.items():
             steps = args.loss_steps if args.loss_steps and label in "ac" else args.cli_steps

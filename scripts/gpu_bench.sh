@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU session's benchmark calls (issue 5), as run through the device tool on the lent H100.
-# Usage: bash scripts/gpu_bench.sh OUT_DIR [train|compile|compile16|generate|profile|kernels|trace]...
+# Usage: bash scripts/gpu_bench.sh OUT_DIR [train|compile|compile16|generate|profile|kernels|trace|sdxl-steps|sdxl-cli|sdxl-generate]...
+# (issue 16's SDXL parts take minutes each: sdxl-steps and sdxl-cli are meant for separate device calls, the second
+# reading the first one's bench-train-sdxl.json from SDXL_BARE_JSON, a path in the working tree)
 # Env: TRAIN_VARIANTS (bench_train --variants), GEN_MODES, GEN_TARGETS, GEN_REPEATS, GEN_INTERLEAVE (bench_generate).
 # Needs diffusers on the GPU machine: the wheels in .whl/ are installed into /tmp/site first.
 set -u
@@ -20,6 +22,12 @@ for what in "$@"; do
     trace) for c in 0 1 2; do  # one fresh process per case
              python3 scripts/trace_graph_memory.py --work /tmp/bench --case $c --json "$out/trace-graph-memory-$c.json" > "$out/trace-graph-memory-$c.log" 2>&1
            done ;;
+    sdxl-steps) python3 scripts/bench_train.py --family sdxl --work /tmp/bench --parts baseline,sdlora \
+                  --json "$out/bench-train-sdxl.json" > "$out/bench-train-sdxl.log" 2>&1 ;;
+    sdxl-cli) python3 scripts/bench_train.py --family sdxl --work /tmp/bench --parts cli --loss-steps "${SDXL_LOSS_STEPS:-200}" \
+                --bare-json "${SDXL_BARE_JSON:-$out/bench-train-sdxl.json}" --json "$out/bench-train-sdxl-cli.json" > "$out/bench-train-sdxl-cli.log" 2>&1 ;;
+    sdxl-generate) python3 scripts/bench_generate.py --family sdxl --work /tmp/bench --repeats "${GEN_REPEATS:-3}" \
+                     --interleave "${GEN_INTERLEAVE:-0}" --json "$out/bench-generate-sdxl.json" > "$out/bench-generate-sdxl.log" 2>&1 ;;
     profile) python3 scripts/profile_step_memory.py --work /tmp/bench --json "$out/profile-memory.json" > "$out/profile-memory.log" 2>&1 ;;
     generate) python3 scripts/bench_generate.py --work /tmp/bench --modes "${GEN_MODES:-graph,eager}" \
                 --targets "${GEN_TARGETS:-cross-attn,all-linear}" --repeats "${GEN_REPEATS:-5}" --interleave "${GEN_INTERLEAVE:-0}" --json "$out/bench-generate.json" > "$out/bench-generate.log" 2>&1 ;;
