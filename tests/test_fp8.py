@@ -84,6 +84,14 @@ def test_quantize_clamps_to_the_fp8_range_and_rounds_small_weights_per_channel()
     back = dequantize(layer.weight, layer.fp8_scale, torch.float32)
     assert torch.isfinite(back).all()  # e4m3fn has no inf: 500 / scale stays within +-448
     torch.testing.assert_close(back, w, rtol=0.07, atol=1e-9)  # row 0 keeps its tiny values thanks to its own scale
+    small = torch.tensor([[1e-4, -2e-4, 3e-4], [0.5, -1.0, 0.0]])
+    half = nn.Linear(3, 2).half().requires_grad_(False)
+    half.weight.copy_(small)
+    store_fp8(half)  # an fp16 scale of 3e-4 / 448 would be zero; it is kept in fp32, the layer computes in fp16
+    back = layer_weight(half)
+    assert back.dtype == torch.float16 and half.fp8_scale.dtype == torch.float32
+    assert back[0].abs().min() > 0
+    torch.testing.assert_close(back.float(), small, rtol=0.07, atol=1e-7)
 
 
 def test_lora_host_on_an_fp8_layer_mixes_unfused_and_refuses_to_fuse():

@@ -23,12 +23,14 @@ KEEP = ("conv_in", "conv_out")  # 4-channel latent in/out, 0.01% of SDXL's weigh
 
 
 def dequantize(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The layer's weight in `dtype`: the fp8 values times their channel's scale."""
-    return w8.to(dtype) * scale.to(dtype)
+    """The layer's weight in `dtype`: the fp8 values times their channel's scale (in the scale's dtype, then cast)."""
+    return (w8.to(scale.dtype) * scale).to(dtype)
 
 
 def quantize(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 weight, per-output-channel scale in `scale_dtype`); quantized with the rounded scale that dequantize uses."""
+    """(fp8 weight, per-output-channel scale in `scale_dtype`); quantized with the rounded scale that dequantize uses.
+    fp16 would flush the small scales of small weights to zero, so under fp16 the scale stays fp32."""
+    scale_dtype = torch.float32 if scale_dtype == torch.float16 else scale_dtype
     w = weight.detach().float()
     amax = w.abs().reshape(w.shape[0], -1).amax(dim=1).clamp(min=1e-12)
     scale = (amax / FP8_MAX).to(scale_dtype).reshape(-1, *[1] * (w.ndim - 1))
@@ -91,7 +93,7 @@ def is_fp8(layer: nn.Module) -> bool:
 def layer_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A layer's weight as its matmul sees it (dequantized for fp8 layers), in `dtype` or its own."""
     if is_fp8(layer):
-        return dequantize(layer.weight, layer.fp8_scale, dtype or layer.fp8_scale.dtype)
+        return dequantize(layer.weight, layer.fp8_scale, dtype or layer.compute_dtype)
     return layer.weight if dtype is None else layer.weight.to(dtype)
 
 
@@ -110,6 +112,7 @@ def store_fp8(model: nn.Module, device: torch.device | str | None = None) -> int
         w8, scale = quantize(w, w.dtype)
         m.weight = nn.Parameter(w8, requires_grad=False)
         m.register_buffer("fp8_scale", scale)
+        m.compute_dtype = w.dtype
         if m.bias is not None and device is not None:
             m.bias = nn.Parameter(m.bias.to(device), requires_grad=False)
         m.__class__ = Fp8Linear if isinstance(m, nn.Linear) else Fp8Conv2d
