@@ -151,3 +151,25 @@ def test_refiner_folder_is_refused(tmp_path):
                                                            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
     with pytest.raises(SdloraError, match="SDXL refiner"):
         SDXLFamily.load_folder(tmp_path, torch.float32, torch.float32)
+
+
+def test_shipped_tiny_xl_loads_as_sdxl_with_its_recorded_build():
+    """The shipped tiny-xl is the builder's output: SDXL family, its configs, the scaling factor its log recorded,
+    fp16 files within the 30 MB limit, and a pooled + time-id conditioned UNet."""
+    import json
+
+    from sdlora.models import tiny_xl
+    from sdlora.models.base import load_base
+
+    folder = tiny_xl.tiny_xl_base_dir()
+    log = json.loads((folder / "build_log.json").read_text())
+    size = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
+    assert size < 30e6
+    base = load_base("tiny-xl")
+    assert base.family.name == "sdxl"
+    assert base.vae.config.scaling_factor == pytest.approx(log["vae_scaling_factor"], rel=1e-6)
+    assert base.unet.config.addition_embed_type == "text_time"
+    for key, value in tiny_xl.UNET_CONFIG.items():  # the shipped UNet is the configured one
+        got = base.unet.config[key]
+        assert (list(got) if isinstance(got, (list, tuple)) else got) == (list(value) if isinstance(value, (list, tuple)) else value), key
+    assert log["eval_prompts"] == 200 and 0 <= log["eval_colour_acc"] <= 1
