@@ -25,8 +25,8 @@ def collectives(rank: int, world: int, port: int, out: str) -> None:
                       LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     d = current()
-    params = [torch.zeros(3, requires_grad=True), torch.zeros(2, 2, requires_grad=True)]
-    if rank == 0:  # rank 1 had no samples this step: no gradients at all
+    params = [torch.zeros(3, requires_grad=True), torch.zeros(2, 2, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    if rank == 0:  # params[0] gets a gradient on rank 0 only, params[1] on both, params[2] on neither
         params[0].grad, params[1].grad = torch.tensor([1.0, 2.0, 3.0]), torch.full((2, 2), 0.25)
     else:
         params[1].grad = torch.full((2, 2), 0.5)
@@ -36,7 +36,7 @@ def collectives(rank: int, world: int, port: int, out: str) -> None:
         verdict = None
     except SdloraError as e:
         verdict = str(e)
-    result = {"any": [d.any(rank == 1), d.any(False)], "grads": [p.grad.tolist() for p in params], "loss": loss.item(),
+    result = {"any": [d.any(rank == 1), d.any(False)], "grads": [None if p.grad is None else p.grad.tolist() for p in params], "loss": loss.item(),
               "interleave": d.interleave(list(range(7))[rank::world]), "map": d.map(lambda i: i * i, 5),
               "on_main": d.on_main(lambda: "made once"), "verdict": verdict}
     with open(os.path.join(out, f"{rank}.json"), "w") as f:

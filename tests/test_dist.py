@@ -87,7 +87,8 @@ def test_collectives_over_gloo(tmp_path):
     results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     for r in results:
         assert r["any"] == [True, False]  # a flag on one process is seen by all
-        assert r["grads"] == [[1.0, 2.0, 3.0], [[0.75, 0.75], [0.75, 0.75]]]  # summed; missing grads count as zero
+        # summed; missing grads count as zero; a parameter no process has a gradient for keeps none (no weight decay)
+        assert r["grads"] == [[1.0, 2.0, 3.0], [[0.75, 0.75], [0.75, 0.75]], None]
         assert r["loss"] == 1.25
         assert r["interleave"] == list(range(7))  # each process's stride, put back in order
         assert r["map"] == [0, 1, 4, 9, 16]
@@ -184,3 +185,59 @@ def test_generate_and_eval_split_across_two_processes_make_what_one_makes(tmp_pa
     assert split["prompts"] == report.prompts
     assert split["results"][0]["colour_accuracy"] == report.rows[0]["colour_accuracy"]
     assert split["results"][0]["brightness"] == pytest.approx(report.rows[0]["brightness"], abs=1e-3)
+
+
+def _mixed_sizes(root: Path) -> Path:
+    """Six sketch images at two aspect ratios and several sizes: two buckets, each with a short last batch, and
+    random crops, so SDXL's original-size and crop time ids differ from sample to sample."""
+    from PIL import Image
+
+    from .conftest import SKETCH
+
+    root.mkdir()
+    sizes = [(224, 70), (230, 72), (210, 66), (150, 132), (140, 128), (128, 136)]  # most crop sideways
+    for (w, h), png in zip(sizes, sorted(SKETCH.glob("*.png"))):
+        Image.open(png).convert("RGB").resize((w, h)).save(root / png.name)
+        (root / png.with_suffix(".txt").name).write_bytes(png.with_suffix(".txt").read_bytes())
+    return root
+
+
+def test_sdxl_on_two_processes_trains_what_one_does_with_twice_the_batch(tmp_path, tmp_path_factory):
+    """SDXL's extra conditioning (pooled embeddings of the second text encoder, original size and crop time ids,
+    the mirrored crop under --flip) follows each sample across the split, and each process caches its shard.
+    Measured: 1.5e-06 (weights ~4e-3). A one-process run that ignores the mirrored crop, or all size/crop ids,
+    differs by 2.1e-03 / 3.1e-03, so the tolerance tells a wrong time id from reduction order."""
+    from sdlora.data.folder import scan_images
+    from sdlora.data.latents import encode_images
+    from sdlora.models.base import load_base
+
+    from .sdxl_folder import shared_sdxl_folder
+
+    base_dir, images = shared_sdxl_folder(tmp_path_factory), _mixed_sizes(tmp_path / "images")
+    vae = load_base(str(base_dir)).vae
+    items = scan_images(images, ".txt", None, print)
+    whole = encode_images(items, vae, 128, True, False, True, 7, progress=False)
+    shards = [encode_images(items, vae, 128, True, False, True, 7, progress=False, shard=(r, 2)) for r in (0, 1)]
+    assert [len(s) for s in shards] == [3, 3]
+    for i, ex in enumerate(whole):  # image i is the (i // 2)-th of shard i % 2, with the same crop and latents
+        part = shards[i % 2][i // 2]
+        assert (part.item.path, part.bucket, part.original_hw, part.crop_tl, part.crop_tl_flipped) == (
+            ex.item.path, ex.bucket, ex.original_hw, ex.crop_tl, ex.crop_tl_flipped)
+        assert torch.allclose(part.moments, ex.moments, atol=1e-5)
+    assert len({ex.bucket for ex in whole}) == 2 and len({ex.crop_tl for ex in whole}) > 2
+    assert sum(ex.crop_tl != ex.crop_tl_flipped for ex in whole) >= 4  # --flip changes the crop time ids
+
+    kw = dict(images=str(images), base=str(base_dir), steps=4, resolution=128, rank=2, seed=7, unet_lr=1e-3,
+              te_lr=5e-4, flip=True, save_dtype="fp32", progress=False, trigger="sks sketch", targets="cross-attn")
+    one = train(quick_config(output=tmp_path / "one", batch_size=2, **kw), info=lambda m: None)
+    two = tmp_path / "two"
+    p = launch(2, dict(output=str(two), batch_size=1, device="cpu", cache_latents="disk", **kw), tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(list((two / "cache").glob("latents-*-shard[01]of2-6.safetensors"))) == 2  # one shard per process
+    m = meta(two / "lora.safetensors")
+    assert (m["ss_num_processes"], m["ss_total_batch_size"], m["ss_base_model_version"]) == ("2", "2", "sdxl_base_v1-0")
+    tensors = load_file(two / "lora.safetensors")
+    assert any(k.startswith("lora_te2_") for k in tensors) and any(k.startswith("lora_te1_") for k in tensors)
+    diff = max_diff(two / "lora.safetensors", one.adapter)
+    print(f"SDXL, 2 processes x batch 1 vs 1 process x batch 2 after 4 steps: max |difference| {diff:.2e}")
+    assert diff < TOLERANCE

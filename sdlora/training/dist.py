@@ -153,19 +153,35 @@ class GradBucket:
 
     Each process weights its samples' losses by 1 / (global batch), so the sum is the one-process gradient of the
     whole global batch; every process then clips and steps identical gradients and the adapters stay identical.
-    Capturable: inside a CUDA graph the copy in, the all-reduce and the copy out are replayed with the step.
+    Parameters no process ever gets a gradient for (SDXL's first text encoder's last layer: its output is not
+    used) stay without one, as in one process, so AdamW's weight decay leaves them alone too. Which those are is
+    agreed once, in the first (always eager) step. Capturable: inside a CUDA graph the copy in, the all-reduce
+    and the copy out are replayed with the step.
     """
 
     def __init__(self, params: list[torch.Tensor]):
         self.params = params
-        self.numels = [p.numel() for p in params]
+        self.used: list[torch.Tensor] | None = None
+
+    @property
+    def ready(self) -> bool:
+        """False until the first step agreed which parameters get gradients (that step reads a flag back)."""
+        return self.used is not None
+
+    def _agree_used(self) -> None:
+        has = torch.tensor([float(p.grad is not None) for p in self.params], device=_collective_device())
+        torch.distributed.all_reduce(has)
+        self.used = [p for p, n in zip(self.params, has.tolist()) if n > 0]
+        self.numels = [p.numel() for p in self.used]
 
     def __call__(self, loss: torch.Tensor) -> torch.Tensor:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.used is None:
+            self._agree_used()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.used]
         flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss.detach().reshape(1).float()])
         torch.distributed.all_reduce(flat)
         torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat[:-1].split(self.numels), grads)])
-        for p, g in zip(self.params, grads):
+        for p, g in zip(self.used, grads):
             if p.grad is None:  # a process with no samples in this step still adds (zero) gradients
                 p.grad = g
         return flat[-1]

@@ -131,7 +131,7 @@ class TrainStep:
 
     # ---- the graph path
     def __call__(self, micro: list[MicroBatch | None]) -> torch.Tensor:
-        if not self.graph_ok or len(micro) != 1 or micro[0] is None:
+        if not self.graph_ok or len(micro) != 1 or micro[0] is None or not getattr(self.grad_sync, "ready", True):
             return self.eager(micro)
         mb = micro[0]
         key = mb.shape_key()
