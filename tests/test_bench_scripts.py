@@ -137,3 +137,16 @@ def test_bench_generate_sdxl_runs_every_case(work):
     with safe_open(str(lora), "pt") as f:
         prefixes = {k.split("_")[1] for k in f.keys()}
     assert {"unet", "te1", "te2"} <= prefixes  # SDXL's kohya prefixes: the UNet and both text encoders
+
+
+def test_bench_multi_gpu_runs_one_and_two_processes(work):
+    bench = _load("bench_multi_gpu")
+    out = bench.main(["--small", "--device", "cpu", "--gpus", "2", "--steps", "3", "--batch", "1", "--work", str(work),
+                      "--json", str(work / "multi.json")])
+    one, two = out["rows"]
+    assert (one["processes"], two["processes"]) == (1, 2) and one["batch_per_gpu"] == two["batch_per_gpu"] == 1
+    assert one["it_per_s"] > 0 and two["it_per_s"] > 0
+    assert two["img_per_s"] == pytest.approx(two["it_per_s"] * 2) and two["scaling"] > 0  # CPU: no speed asserted
+    assert "--gpus 2" in two["command"] and "--gpus" not in one["command"]
+    assert "| sd15 | 2 | 1 |" in out["table"]
+    assert (work / "sd15-2x1" / "lora.safetensors").exists()

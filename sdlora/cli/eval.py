@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sdlora.cli.launch import add_gpus_argument
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -24,17 +26,21 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i (default: 0)")
     p.add_argument("--device", help="cpu, cuda... (default: cuda when available)")
     p.add_argument("--output", default="output/eval", help="folder for grid.png and report.json (default: output/eval)")
+    add_gpus_argument(p, "the prompts are split across them; the same report as one GPU")
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
     from tqdm.auto import tqdm
 
+    from sdlora.cli.launch import relaunched
     from sdlora.errors import SdloraError
     from sdlora.eval.evaluate import builtin_prompts, file_prompts, grid_image, lora_styles, run_eval
     from sdlora.eval.world import STYLES
     from sdlora.lora.specs import parse_lora_spec
     from sdlora.models.base import load_base
+    from sdlora.training import dist as dist_seam
     from sdlora.util import check_output_folder, default_device
 
     try:
@@ -55,13 +61,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompts = builtin_prompts(args.num_prompts, trigger)
     else:
         prompts = file_prompts(args.prompts)
-    device = default_device(args.device)
+    if (code := relaunched(args, args.device)) is not None:
+        return code
+    proc = dist_seam.current()
+    device = str(proc.device(torch.device(default_device(args.device))))
+    proc.init(cpu=device == "cpu")
     base = load_base(args.base, "fp16" if device.startswith("cuda") else "fp32", device)
     use_checker = args.base in ("tiny", "tiny-xl")  # both were trained on the checker's procedural world
-    n_images = len(prompts) * len(strengths)
+    n_images = len(proc.share(len(prompts))) * len(strengths)  # this process's share (all of them on one)
     # Counted in sampling steps, so the time left shows within seconds rather than after the first image.
     bar = tqdm(total=n_images * args.steps, desc=f"eval: {n_images} images", unit="step", mininterval=1.0,
-               postfix=f"image 1/{n_images}",
+               postfix=f"image 1/{n_images}", disable=not proc.is_main,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps{postfix} [{elapsed} spent, {remaining} left]")
     done = 0
 
@@ -72,8 +82,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"image {done + 1}/{n_images}", refresh=False)
 
     report, grid = run_eval(base, specs, prompts, strengths, styles, args.steps, args.guidance, args.seed, use_checker,
-                            image_done, on_step=lambda _i: bar.update(1))
+                            image_done, on_step=lambda _i: bar.update(1), map_prompts=proc.map)
     bar.close()
+    if not proc.is_main:
+        return 0
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     grid_image(grid, strengths, report.prompts).save(out / "grid.png")

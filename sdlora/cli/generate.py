@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
+from sdlora.cli.launch import add_gpus_argument
 from sdlora.errors import SdloraError
 
 
@@ -33,39 +35,53 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="on a GPU, replay the UNet steps from CUDA graphs (default: on)")
     p.add_argument("--output", default="output/images", help="folder for the PNGs (default: output/images)")
+    add_gpus_argument(p, "the images are split across them; the same images as one GPU")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from sdlora.cli.launch import relaunched
     from sdlora.formats.kohya import load_adapter
     from sdlora.lora.mixer import LoraMixer
     from sdlora.lora.specs import extract_prompt_loras, parse_lora_spec
     from sdlora.models.base import load_base
     from sdlora.sample.generate import GenerateOptions, a1111_parameters, generate, save_images
+    from sdlora.training import dist as dist_seam
     from sdlora.util import check_output_folder, default_device
 
     if args.num_images < 1 or args.steps < 1:
         raise SdloraError("--num-images and --steps must be at least 1")
     check_output_folder(args.output)
-    device = default_device(args.device)
-    precision = args.precision or ("fp16" if device.startswith("cuda") else "fp32")
     prompt, tag_specs = extract_prompt_loras(args.prompt, args.lora_dir)
     specs = [parse_lora_spec(s) for s in args.lora] + tag_specs
     adapters = [load_adapter(spec.path) for spec in specs]  # bad files fail before the base loads
     for adapter in adapters:
         adapter.require_finite()
+    if (code := relaunched(args, args.device)) is not None:
+        return code
+    proc = dist_seam.current()
+    device = str(proc.device(torch.device(default_device(args.device))))
+    proc.init(cpu=device == "cpu")
+    precision = args.precision or ("fp16" if device.startswith("cuda") else "fp32")
     base = load_base(args.base, precision, device, args.vae, args.v_prediction, args.zero_terminal_snr)
     mixer = LoraMixer(base)
     for spec, adapter in zip(specs, adapters):
         mixer.add(adapter, spec.strength, spec.te_strength, blocks=spec.blocks)
     opts = GenerateOptions(prompt, args.negative, args.seed, args.steps, args.guidance, args.width, args.height,
                            args.num_images, args.scheduler, args.cuda_graph)
-    if args.fuse and specs:
-        with mixer.fused():
-            images = generate(base, opts)
-    else:
-        images = generate(base, opts)
-    for p in save_images(images, Path(args.output), f"{args.seed}", a1111_parameters(opts, args.base, specs)):
-        print(p)
+    mine = proc.share(args.num_images)  # image i is seeded seed + i, so any split makes the same images
+    opts_mine = dataclasses.replace(opts, seed=opts.seed + mine.start, num_images=len(mine))
+    images = []
+    if len(mine):
+        with mixer.fused() if args.fuse and specs else contextlib.nullcontext():
+            images = generate(base, opts_mine)
+    images = [img for part in proc.gather(images) for img in part]
+    if proc.is_main:
+        for p in save_images(images, Path(args.output), f"{args.seed}", a1111_parameters(opts, args.base, specs)):
+            print(p)
     return 0
 
 

@@ -30,12 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time notices are not for our users
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --gpus re-runs in each process
     try:
         if args.command in ("train", "generate", "eval", "merge"):  # the commands that compute; others start faster
             configure_cpu_threads(announce=lambda m: print(f"sdlora: {m}", file=sys.stderr))
         return args.func(args)
     except SdloraError as e:
-        print(f"sdlora: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # several processes fail alike: the main one says so
+            print(f"sdlora: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a path or permission mistake the commands did not phrase better: still one line
         print(f"sdlora: error: {describe_os_error(e)}", file=sys.stderr)
@@ -51,6 +53,15 @@ def main(argv: list[str] | None = None) -> int:
                   "--mixed-precision bf16, --precision fp16, a lower --resolution or --no-text-encoder", file=sys.stderr)
             return 3
         raise
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """A launched process leaves its process group before exiting, as torch asks (nccl warns otherwise)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from sdlora.cli.launch import add_gpus_argument, relaunched
 from sdlora.training.config import TrainConfig, make_config
 from sdlora.util import check_output_folder
 
@@ -15,6 +16,8 @@ EPILOG_TRAIN = """examples:
   sdlora train --images datasets/sketch --trigger "sks sketch" --rank 4
   sdlora train --config configs/sd15-style.toml --images ./my_style --base ./stable-diffusion-v1-5
   sdlora train --resume output/lora            # continue an interrupted run
+  sdlora train --gpus 2 --images ./my_style --batch-size 4   # 2 GPUs x 4 images per step
+  accelerate launch --num_processes 2 -m sdlora train --images ./my_style   # the same, started by accelerate
 Options in a --config TOML file use the flag names with underscores; flags given here override them."""
 
 
@@ -48,25 +51,39 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from sdlora.training import dist
     from sdlora.training.loop import resume_config, train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
-    if given.get("resume") and not given.get("images") and not args.config:
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "gpus", "argv")}
+    resuming = given.get("resume") and not given.get("images") and not args.config
+    if resuming:
         resume = given.pop("resume")
-        cfg, _ = resume_config(given, resume)
+        before_launch = (args.gpus or 1) > 1 and not dist.launched()  # the launched processes report the re-cut batch
+        cfg, _ = resume_config(given, resume, **({"info": lambda msg: None} if before_launch else {}))
     else:
         cfg = make_config(args.config, **given)
     check_output_folder(cfg.resolved_output())
+    if (code := relaunched(args, cfg.device, lambda: check_images(cfg))) is not None:
+        return code
     result = train(cfg)
     if result.interrupted:
         return 130
-    print(result.adapter)
+    if dist.current().is_main:
+        print(result.adapter)
     return 0
 
+
+def check_images(cfg: TrainConfig) -> None:
+    """The image folder is read before the processes start, so a bad one fails once, with one line."""
+    from sdlora.data.folder import scan_images
+
+    if cfg.images:
+        scan_images(cfg.images, cfg.caption_ext, cfg.trigger, lambda msg: None)
 
 
 def register(sub) -> None:
     t = sub.add_parser("train", help="train a LoRA from a folder of captioned images", epilog=EPILOG_TRAIN,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(t)
+    add_gpus_argument(t, "--batch-size is per GPU")
     t.set_defaults(func=cmd_train)

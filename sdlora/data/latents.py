@@ -2,7 +2,8 @@
 
 Each image is bucketed and cropped once (random crops are drawn per image from the seed),
 encoded together with its mirror when `--flip` is on, and the VAE's mean/log-variance are
-kept so every step can still draw a fresh latent sample.
+kept so every step can still draw a fresh latent sample. Under several processes each encodes and caches
+only its shard (every world-th image), and the training loop exchanges the shards once.
 """
 
 from __future__ import annotations
@@ -60,18 +61,25 @@ def encode_images(
     seed: int,
     cache_dir: Path | None = None,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[Example]:
+    """Examples of items[rank::world] for shard (rank, world): the crop of image i is drawn from (seed, i), so it
+    does not depend on the sharding."""
+    rank, world = shard
+    mine = list(range(rank, len(items), world))
     bucket_list = make_buckets(resolution) if buckets else [(resolution, resolution)]
     path = None
     if cache_dir is not None:
-        key = cache_key(items, vae, resolution, buckets, center_crop, flip, seed)
-        path = cache_dir / f"latents-{key}.safetensors"
+        key = cache_key([items[i] for i in mine], vae, resolution, buckets, center_crop, flip, seed)
+        name = f"latents-{key}" + (f"-shard{rank}of{world}-{len(items)}" if world > 1 else "")
+        path = cache_dir / f"{name}.safetensors"
         if path.exists():
             stored = load_file(path)
-            return [_stored_example(it, stored, i) for i, it in enumerate(items)]
+            return [_stored_example(items[i], stored, j) for j, i in enumerate(mine)]
     device, dtype = vae.device, vae.dtype
     examples = []
-    for i, it in enumerate(tqdm(items, desc="encoding images", disable=not progress, leave=False)):
+    for i in tqdm(mine, desc="encoding images", disable=not progress, leave=False):
+        it = items[i]
         img = load_rgb(it.path)
         bucket = assign_bucket(img.width, img.height, bucket_list)
         rng = random.Random(f"{seed}/{i}")

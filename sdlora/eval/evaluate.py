@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,10 +104,12 @@ def run_eval(
     use_checker: bool = True,
     progress=None,
     on_step=None,
+    map_prompts: Callable[[Callable[[int], Image.Image], int], list[Image.Image]] | None = None,
 ) -> tuple[EvalReport, list[list[Image.Image]]]:
     """Images[strength][prompt]; prompt i always uses seed + i so columns differ only by strength.
 
-    `progress()` is called after each image, `on_step(i)` after each sampling step (for a bar with time left)."""
+    `progress()` is called after each image, `on_step(i)` after each sampling step (for a bar with time left).
+    `map_prompts(fn, n)` -> [fn(0) ... fn(n-1)]: several processes each render a share of the prompts (Dist.map)."""
     from sdlora.eval.checker import judge, load_checker
 
     checker = load_checker() if use_checker else None
@@ -118,11 +121,15 @@ def run_eval(
         for name, s in zip(names, specs):
             te = s.strength if s.te_strength is None else s.te_strength
             mixer.set_strength(name, k * s.strength, k * te)
-        images = []
-        for i, p in enumerate(prompts):
-            images += generate_images(base, p.text, seed=seed + i, steps=steps, guidance=guidance, on_step=on_step)
+
+        def render(i: int) -> Image.Image:
+            image = generate_images(base, prompts[i].text, seed=seed + i, steps=steps, guidance=guidance,
+                                    on_step=on_step)[0]
             if progress:
                 progress()
+            return image
+
+        images = (map_prompts or _map_here)(render, len(prompts))
         row: dict = {"strength": k, **pixel_stats(images, grid[0] if grid else None)}
         if checker is not None:
             v = judge(checker, images)
@@ -138,6 +145,10 @@ def run_eval(
     for name in names:
         mixer.remove(name)
     return report, grid
+
+
+def _map_here(fn: Callable[[int], Image.Image], n: int) -> list[Image.Image]:
+    return [fn(i) for i in range(n)]
 
 
 def grid_image(grid: list[list[Image.Image]], strengths: list[float], prompts: list[str], max_rows: int = 8) -> Image.Image:

@@ -81,8 +81,10 @@ def training_metadata(
     cache_latents: bool = False,
     zero_terminal_snr: bool = False,
     fp8_base: bool = False,
+    num_processes: int = 1,
 ) -> dict[str, str]:
-    """Metadata for one saved adapter. `resolution` is (width, height).
+    """Metadata for one saved adapter. `resolution` is (width, height). `batch_size` is per process (GPU); the total
+    batch is kohya's: batch x processes x gradient accumulation.
 
     A v-prediction base keeps its modelspec architecture (SDXL has no v variant there, as in kohya's
     sai_model_spec) and says so in `modelspec.prediction_type` "v"; SD 2.x's 768-v is the one separate name.
@@ -138,7 +140,8 @@ def training_metadata(
         "ss_gradient_checkpointing": gradient_checkpointing,
         "ss_gradient_accumulation_steps": grad_accum,
         "ss_batch_size_per_device": batch_size,
-        "ss_total_batch_size": batch_size * grad_accum,
+        "ss_num_processes": num_processes,
+        "ss_total_batch_size": batch_size * num_processes * grad_accum,
         "ss_tag_frequency": _json(tag_frequency),
         "ss_dataset_dirs": _json(dataset_dirs),
         "ss_sd_model_name": sd_model_name,

@@ -56,8 +56,9 @@ class TrainConfig:
     # optimisation
     steps: int | None = opt(None, "optimizer steps (default 500, or the base's recommendation; unless --epochs is given)")
     epochs: int | None = opt(None, "train for this many passes over the (repeated) images instead of --steps")
-    batch_size: int = opt(1, "images per step")
+    batch_size: int = opt(1, "images per step and process (GPU): an optimizer step sees batch x processes x --grad-accum")
     grad_accum: int = opt(1, "gradient accumulation steps")
+    scale_lr: bool = opt(False, "multiply the learning rates by the total batch (batch x processes x --grad-accum), as diffusers' --scale_lr does; off: they are used as given")
     unet_lr: float | None = opt(None, "learning rate of the UNet LoRA (default 1e-4, or the base's recommendation: 1e-3 on tiny)")
     te_lr: float | None = opt(None, "learning rate of the text-encoder LoRA (default: --unet-lr / 2)")
     te1_lr: float | None = opt(None, "SDXL: learning rate of text encoder 1's LoRA (CLIP ViT-L, lora_te1_); 0 trains none there (default: --te-lr)")

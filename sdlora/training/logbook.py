@@ -3,6 +3,8 @@
 Losses stay on the device and are read back in batches (a read-back per step would sync the GPU every step).
 The log is flushed to disk every few seconds and at every checkpoint, so a killed run keeps its history; on
 resume the lines after the checkpoint's step are dropped and new ones appended. Only the main process writes.
+Under several processes every process reads the same (summed) losses at the same steps, and a non-finite one on
+any stops all (`agree` is Dist.any); the timed flush is off there, as processes would flush at different steps.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ FLUSH_SECONDS = 5.0
 
 class Logbook:
     def __init__(self, out: Path, total: int, step: int, *, progress: bool, tensorboard: bool, is_main: bool,
-                 warn: Callable[[str], None], ema: float | None = None, started: float | None = None):
-        self.out, self.total, self.is_main = out, total, is_main
+                 warn: Callable[[str], None], ema: float | None = None, started: float | None = None,
+                 agree: Callable[[bool], bool] | None = None):
+        self.out, self.total, self.is_main, self.agree = out, total, is_main, agree
         self.ema, self.last_loss = ema, float("nan")
         self.pending: list[tuple[int, torch.Tensor, float]] = []  # (step, loss on the device, lr) not yet logged
         self.started, self.first_step, self.last_flush = started or time.time(), step, time.monotonic()
@@ -44,25 +47,30 @@ class Logbook:
 
     def due(self) -> bool:
         """Time to read the losses back: every few seconds, so the file on disk is never far behind."""
-        return time.monotonic() - self.last_flush > FLUSH_SECONDS
+        return self.agree is None and time.monotonic() - self.last_flush > FLUSH_SECONDS
 
     def flush(self, extra: dict | None = None, status: str = "training") -> None:
         """Log the pending steps' losses (one read-back for many steps); stop on a non-finite loss."""
         self.last_flush = time.monotonic()
         values = torch.stack([loss for _, loss, _ in self.pending]).tolist() if self.pending else []
+        bad = next(((s, v) for (s, _, _), v in zip(self.pending, values) if not math.isfinite(v)), None)
+        if self.agree is not None and self.agree(bad is not None) and bad is None:
+            bad = (self.step, "not finite on another process")
         for (s, _, lr), value in zip(self.pending, values):
-            if not math.isfinite(value):
-                self.pending.clear()
-                raise SdloraError(
-                    f"loss became {value} at step {s}; stopped. The last good adapter is the latest checkpoint in "
-                    f"{self.out / 'checkpoints'}; try a lower learning rate or --mixed-precision bf16"
-                )
+            if bad is not None and s >= bad[0]:
+                break
             self.last_loss = value
             self.ema = value if self.ema is None else 0.95 * self.ema + 0.05 * value
             record = {"step": s, "loss": value, "loss_smooth": self.ema, "lr": lr}
             if extra and s == self.step:
                 record |= extra
             self._write(record)
+        if bad is not None:
+            self.pending.clear()
+            raise SdloraError(
+                f"loss became {bad[1]} at step {bad[0]}; stopped. The last good adapter is the latest checkpoint in "
+                f"{self.out / 'checkpoints'}; try a lower learning rate or --mixed-precision bf16"
+            )
         if self.pending:
             self.bar.set_postfix(loss=f"{self.ema:.4f}", lr=f"{self.pending[-1][2]:.2e}")
         self.pending.clear()

@@ -1,5 +1,6 @@
 """Training a LoRA: one function you read top to bottom. Set-up choices live in setup.py, conditioning in
-conditioning.py, the step in step.py, and every file a run writes in outputs.py and logbook.py."""
+conditioning.py, the step in step.py, every file a run writes in outputs.py and logbook.py, and what several
+processes need (rank, sharing, the gradient sum, agreeing to stop) in dist.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sdlora.data.batches import epoch_batches, sample_latents
+from sdlora.data.batches import draw_batch, epoch_batches, process_share
 from sdlora.data.folder import scan_images
 from sdlora.data.latents import encode_images
 from sdlora.errors import SdloraError
@@ -63,18 +64,19 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
 
     validate(cfg)
     dist = dist_seam.current()
+    info, warn = dist.main_only(info), dist.main_only(warn)
     ckpt_dir = find_checkpoint(cfg.resume) if cfg.resume else None
     state = load_state(ckpt_dir) if ckpt_dir else None
     items = scan_images(cfg.images, cfg.caption_ext, cfg.trigger, warn)  # bad folders fail before anything loads
     val_items = scan_images(cfg.validation_images, cfg.caption_ext, cfg.trigger, warn) if cfg.validation_images else []
     if cfg.validation_split and not cfg.validation_images:
         items, val_items = split_items(items, cfg.validation_split, cfg.seed)
-    device = pick_device(cfg)
+    device = dist.device(pick_device(cfg))
     mp, weight_precision = pick_precisions(cfg, device)
-    out = prepare_output(cfg.resolved_output(), cfg.resume is not None, cfg.overwrite)
+    accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")  # several processes: joins the group
+    out = dist.on_main(lambda: prepare_output(cfg.resolved_output(), cfg.resume is not None, cfg.overwrite))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the peak reported covers the whole run, caching included
-    accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
     # on the host first: each part moves to the device for its phase (VAE, encoders, then the UNet: place_unet)
     base = load_base(cfg.base, weight_precision, "cpu", cfg.vae, cfg.v_prediction, cfg.zero_terminal_snr)
     cfg = apply_base_defaults(cfg, base.path)
@@ -82,10 +84,14 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     resolution = cfg.resolution or base.resolution
     cache_dir = out / "cache" if cfg.cache_latents == "disk" else None
     base.vae.to(device)
-    examples = encode_images(items, base.vae, resolution, cfg.buckets, cfg.center_crop, cfg.flip, cfg.seed, cache_dir, cfg.progress)
-    val_examples = encode_images(val_items, base.vae, resolution, cfg.buckets, True, False, cfg.seed, None, False) if val_items else []
+    examples = dist.interleave(encode_images(items, base.vae, resolution, cfg.buckets, cfg.center_crop, cfg.flip,
+                                             cfg.seed, cache_dir, cfg.progress and dist.is_main, dist.shard))
+    val_examples = []  # the main process computes the validation loss
+    if val_items and dist.is_main:
+        val_examples = encode_images(val_items, base.vae, resolution, cfg.buckets, True, False, cfg.seed, None, False)
     base.vae.to("cpu")  # not needed while training; frees GPU memory (sampling moves it back)
     batch_size = clamp_batch_size(cfg.batch_size, sum(e.item.repeats for e in examples), warn)
+    plan = dist_seam.BatchPlan(batch_size, dist.world_size, cfg.grad_accum, cfg.scale_lr)
 
     te_prefixes = {p: k for p, k in base.family.te_prefixes.items() if te_lr(cfg, p) != 0}  # lr 0: no LoRA there
     unet_hosts, te_hosts = inject_lora(base.unet, base.text_encoders, te_prefixes, cfg.network(), cfg.seed,
@@ -93,50 +99,53 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
     params = trainable_parameters(unet_hosts) + trainable_parameters(te_hosts)
     info(f"LoRA rank {cfg.rank} on {len(unet_hosts)} UNet + {len(te_hosts)} text-encoder modules "
          f"({sum(p.numel() for p in params):,} trainable parameters), attention: {attention}")
-    captions = sorted({e.item.caption for e in examples + val_examples})
+    captions = sorted({it.caption for it in items + val_items})  # every process: the main one's val_examples too
     for te in base.text_encoders.values():
         te.to(device)  # a frozen one goes back to the host once its captions are encoded
     cond = Conditioning(base, captions, cfg.sample_prompt, cfg.text_encoder and bool(te_hosts), device)
     place_unet(base, device, cfg.fp8_base, info)
 
-    n_batches = len(epoch_batches(examples, batch_size, cfg.seed, 0))
+    n_batches = len(epoch_batches(examples, plan.global_batch, cfg.seed, 0))
     total = cfg.steps or math.ceil(cfg.epochs * n_batches / cfg.grad_accum)
+    info(plan.describe(total, sum(e.item.repeats for e in examples), cfg.unet_lr))
     te_params = {p: trainable_parameters([h for h in te_hosts if h.kohya_name.startswith(p + "_")]) for p in te_prefixes}
     optimizer = accelerator.prepare(make_optimizer(cfg, trainable_parameters(unet_hosts), te_params,
-                                                   device, use_cuda_graph(cfg, device, mp)))
+                                                   device, use_cuda_graph(cfg, device, mp), plan.lr_scale))
     lr_sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=total)
     step, started, ema, session, best_val = 0, time.time(), None, str(random.randrange(2**31)), math.inf
     if state is not None:
         step, started = _restore(state, params, optimizer, lr_sched, accelerator)
         ema, session, best_val = state["loss_smooth"], state["session_id"], state["best_val_loss"]
         info(f"resuming from {ckpt_dir} at step {step}")
-    facts = RunFacts(base, items, examples, resolution, mp, total, n_batches, batch_size, started, session)
+    facts = RunFacts(base, items, examples, resolution, mp, total, n_batches, batch_size, started, session,
+                     dist.world_size, plan.lr_scale)
     outputs = Outputs(cfg, out, unet_hosts + te_hosts, facts, dist.is_main)
     log = Logbook(out, total, step, progress=cfg.progress, tensorboard=cfg.tensorboard, is_main=dist.is_main,
-                  warn=warn, ema=ema)
+                  warn=warn, ema=ema, agree=dist.any if dist.world_size > 1 else None)
     sched, scaling = base.noise_scheduler, base.vae.config.scaling_factor
-    run_step = build_train_step(base, cfg, params, optimizer, accelerator, mp, cond.encode, total, info)
+    grad_sync = dist_seam.GradBucket(params) if dist.world_size > 1 else None
+    run_step = build_train_step(base, cfg, params, optimizer, accelerator, mp, cond.encode, total, info, grad_sync)
     val_cases = make_cases(val_examples, cfg.seed, scaling, sched.config.num_train_timesteps)
     val_every = cfg.validation_every or max(1, total // 10)
     epoch_cache: dict[int, list[list[int]]] = {}
 
-    def micro_batch(micro: int) -> MicroBatch:
-        """All randomness of one micro-batch comes from (seed, micro-step): resuming replays it exactly."""
+    def micro_batch(micro: int) -> MicroBatch | None:
+        """This process's share of a global micro-batch; each sample's randomness comes from (seed, micro-step,
+        its index in the global batch), so resuming replays it exactly and any number of processes draws alike."""
         epoch, pos = divmod(micro, n_batches)
         if epoch not in epoch_cache:
             epoch_cache.clear()
-            epoch_cache[epoch] = epoch_batches(examples, batch_size, cfg.seed, epoch)
-        batch = [examples[i] for i in epoch_cache[epoch][pos]]
-        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + micro) % (2**63))
-        flips = torch.rand(len(batch), generator=g) < 0.5 if cfg.flip else torch.zeros(len(batch), dtype=torch.bool)
-        latents = sample_latents(batch, flips, g, scaling)
-        noise = torch.randn(latents.shape, generator=g)
-        if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(batch),), generator=g)
-        sizes = [ex.size_info(bool(f)) for ex, f in zip(batch, flips.tolist())]
-        return MicroBatch(to_device(latents, device), to_device(noise, device), to_device(t, device),
-                          cond.inputs([ex.item.caption for ex in batch], sizes))
+            epoch_cache[epoch] = epoch_batches(examples, plan.global_batch, cfg.seed, epoch)
+        ids, first = process_share(epoch_cache[epoch][pos], batch_size, dist.rank)
+        if not ids:
+            return None
+        batch = [examples[i] for i in ids]
+        d = draw_batch(batch, first, cfg.seed, micro, scaling, sched.config.num_train_timesteps, cfg.flip,
+                       cfg.noise_offset)
+        weights = to_device(torch.full((len(ids),), 1 / len(epoch_cache[epoch][pos])), device) if grad_sync else None
+        sizes = [ex.size_info(f) for ex, f in zip(batch, d.flips)]
+        return MicroBatch(to_device(d.latents, device), to_device(d.noise, device), to_device(d.timesteps, device),
+                          cond.inputs([ex.item.caption for ex in batch], sizes), weights)
 
     def training_state(step_now: int) -> dict:
         return {
@@ -146,9 +155,11 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
             "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler else {}, "rng": rng_states(),
             "config": dataclasses.asdict(cfg) | {"resume": None, "interrupt_at_step": None},
+            "num_processes": dist.world_size,
         }
 
     t0, n0, status = None, 0, "failed"  # it/s is timed from the 6th step on, excluding warm-up
+    stop = dist.interrupts(every=1 if device.type == "cpu" else LOG_EVERY)  # Ctrl-C under several processes
     try:
         while step < total:
             loss = run_step([micro_batch(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)])
@@ -159,7 +170,8 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
                 _sync(device)
                 t0, n0 = time.perf_counter(), step
             extra = {}
-            if val_cases and (step % val_every == 0 or step == total):
+            val_due = bool(val_items) and (step % val_every == 0 or step == total)  # the same on every process
+            if val_due and val_cases:  # the main process's
                 vl = validation_loss(val_cases, base.unet, sched, cond, base.family.v_prediction, accelerator.autocast)
                 if vl < best_val:
                     best_val = vl
@@ -167,7 +179,7 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
                                          outputs.metadata(step) | {"sdlora_validation_loss": f"{vl:.6f}"})
                 extra["val_loss"] = vl
                 log.message(f"step {step}: validation loss {vl:.4f} (best {best_val:.4f})")
-            if extra or step % LOG_EVERY == 0 or step == total or log.due():
+            if val_due or step % LOG_EVERY == 0 or step == total or log.due():
                 log.flush(extra)
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 log.flush()
@@ -175,6 +187,8 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
             if cfg.sample_every and step % cfg.sample_every == 0 and step < total:
                 outputs.samples(step)
             if cfg.interrupt_at_step is not None and step == cfg.interrupt_at_step:
+                stop.simulate()
+            if stop.agreed(step):
                 raise KeyboardInterrupt
         status = "done"
     except KeyboardInterrupt:
@@ -185,6 +199,7 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
         info(f"interrupted at step {step}/{total}: saved {folder}; continue with: sdlora train --resume {out}")
         return TrainResult(folder / f"{cfg.name}.safetensors", step, log.last_loss, interrupted=True, checkpoint=folder)
     finally:
+        stop.close()
         log.close(status)
         cond.close()
 
@@ -220,13 +235,24 @@ def clamp_batch_size(batch_size: int, n_images: int, warn: Callable[[str], None]
     return batch_size
 
 
-def resume_config(cfg_overrides: dict, resume: str) -> tuple[TrainConfig, Path]:
-    """The saved config of a checkpoint, with explicitly given options on top."""
+def resume_config(cfg_overrides: dict, resume: str, info: Callable[[str], None] = _info) -> tuple[TrainConfig, Path]:
+    """The saved config of a checkpoint, with explicitly given options on top. Resumed on another number of
+    processes, the per-process batch is re-cut to keep the checkpoint's global batch (and so its schedule)."""
     folder = find_checkpoint(resume)
-    saved = load_state(folder)["config"]
+    state = load_state(folder)
+    saved = state["config"]
     values = {**saved, **cfg_overrides, "resume": str(folder)}
     if "output" not in cfg_overrides:
         values["output"] = str(folder.parent.parent)
+    dist, was = dist_seam.current(), int(state.get("num_processes", 1))
+    if was != dist.world_size and "batch_size" not in cfg_overrides:
+        batch = dist_seam.rebatch(saved["batch_size"], was, dist.world_size)
+        if batch:
+            values["batch_size"] = batch
+        then = f"the checkpoint was written by {was} process(es) at batch {saved['batch_size']} each; "
+        now = (f"continuing on {dist.world_size} at batch {batch} each (the same global batch)" if batch else
+               f"its global batch does not divide by {dist.world_size}: keeping the batch per process, so it changes")
+        dist.main_only(info)(then + now)
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg, folder

@@ -48,9 +48,11 @@ class RunFacts:
     mixed_precision: str
     total: int
     n_batches: int
-    batch_size: int  # as used (clamped to the data)
+    batch_size: int  # per process, as used (clamped to the data)
     started: float
     session: str
+    num_processes: int = 1
+    lr_scale: float = 1.0  # --scale-lr's factor: the rates recorded are the rates used
 
 
 class Outputs:
@@ -64,8 +66,9 @@ class Outputs:
         meta = training_metadata(
             output_name=cfg.name, base_model_version=f.base.family.version, v_prediction=f.base.family.v_prediction,
             rank=spec.rank, alpha=spec.alpha or spec.rank, network_args=spec.network_args(),
-            resolution=(f.resolution, f.resolution), unet_lr=cfg.unet_lr, te_lr=te_lr(cfg) if cfg.text_encoder else None,
-            learning_rate=cfg.unet_lr, optimizer=cfg.optimizer, lr_scheduler=cfg.lr_scheduler,
+            resolution=(f.resolution, f.resolution), unet_lr=cfg.unet_lr * f.lr_scale,
+            te_lr=te_lr(cfg) * f.lr_scale if cfg.text_encoder else None, learning_rate=cfg.unet_lr * f.lr_scale,
+            optimizer=cfg.optimizer, lr_scheduler=cfg.lr_scheduler,
             lr_warmup_steps=cfg.lr_warmup_steps, max_grad_norm=cfg.max_grad_norm, steps=step, max_train_steps=f.total,
             epoch=step * cfg.grad_accum // f.n_batches, num_epochs=math.ceil(f.total * cfg.grad_accum / f.n_batches),
             batch_size=f.batch_size, grad_accum=cfg.grad_accum, num_batches_per_epoch=f.n_batches,
@@ -77,6 +80,7 @@ class Outputs:
             training_finished_at=finished, sd_model_name=str(cfg.base), comment=cfg.comment,
             trigger_phrase=cfg.trigger, title=cfg.name, description=cfg.description, session_id=f.session,
             cache_latents=True, zero_terminal_snr=cfg.zero_terminal_snr, fp8_base=cfg.fp8_base,
+            num_processes=f.num_processes,
         )
         return meta
 

@@ -10,6 +10,7 @@ import torch
 from sdlora.errors import SdloraError
 from sdlora.models.base import BaseModel
 from sdlora.training.config import TrainConfig
+from sdlora.training.dist import launcher_mixed_precision
 from sdlora.training.step import SpeedOptions, TrainStep
 from sdlora.util import info as _info
 
@@ -29,8 +30,10 @@ def pick_device(cfg: TrainConfig) -> torch.device:
 
 
 def pick_precisions(cfg: TrainConfig, device: torch.device) -> tuple[str, str]:
-    """(autocast precision, base weight precision): fp32 on CPU, bf16 on GPUs that have it."""
-    mp = cfg.mixed_precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no")
+    """(autocast precision, base weight precision): fp32 on CPU, bf16 on GPUs that have it; unset, an
+    `accelerate launch --mixed_precision` (or its config file) asking for bf16/fp16 is followed."""
+    mp = cfg.mixed_precision or launcher_mixed_precision()
+    mp = mp or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no")
     if mp == "fp16" and device.type != "cuda":
         raise SdloraError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
     weights = cfg.precision or {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[mp]
@@ -76,12 +79,13 @@ def te_lr(cfg: TrainConfig, prefix: str | None = None) -> float:
 
 
 def make_optimizer(cfg: TrainConfig, unet_params: list, te_params: list | dict[str, list], device: torch.device,
-                   capturable: bool = False):
+                   capturable: bool = False, lr_scale: float = 1.0):
     """AdamW (fused on GPUs). `capturable`: learning rates live on the GPU so a CUDA graph sees the schedule.
-    `te_params` may be split by kohya prefix, one group (and learning rate) per text encoder."""
-    groups = [{"params": unet_params, "lr": cfg.unet_lr}]
+    `te_params` may be split by kohya prefix, one group (and learning rate) per text encoder. `lr_scale`:
+    --scale-lr's factor (1 unless asked for)."""
+    groups = [{"params": unet_params, "lr": cfg.unet_lr * lr_scale}]
     by_prefix = te_params if isinstance(te_params, dict) else {None: te_params}
-    groups += [{"params": ps, "lr": te_lr(cfg, prefix)} for prefix, ps in by_prefix.items() if ps]
+    groups += [{"params": ps, "lr": te_lr(cfg, prefix) * lr_scale} for prefix, ps in by_prefix.items() if ps]
     if capturable:
         for g in groups:  # initial_lr stays a float, so the scheduler computes on the host and never syncs
             g["initial_lr"], g["lr"] = g["lr"], torch.tensor(g["lr"], dtype=torch.float32, device=device)
@@ -106,8 +110,9 @@ def compile_pays(steps: int, batch: int) -> bool:
 
 
 def build_train_step(base: BaseModel, cfg: TrainConfig, params: list, optimizer, accelerator, mp: str, encode,
-                     total_steps: int, info: Callable[[str], None] = _info) -> TrainStep:
-    """The step `sdlora train` runs; scripts/bench_train.py times this same object."""
+                     total_steps: int, info: Callable[[str], None] = _info, grad_sync=None) -> TrainStep:
+    """The step `sdlora train` runs; scripts/bench_train.py times this same object. `grad_sync`: several
+    processes' gradient sum (training/dist.py's GradBucket)."""
     if cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         base.unet.train()
@@ -127,4 +132,4 @@ def build_train_step(base: BaseModel, cfg: TrainConfig, params: list, optimizer,
                          autocast=cfg.autocast_bf16_weights, sdpa_backend=cfg.sdpa_backend, log=info)
     return TrainStep(model, encode, base.noise_scheduler, params, optimizer, accelerator, mixed_precision=mp,
                      max_grad_norm=cfg.max_grad_norm, min_snr_gamma=cfg.min_snr_gamma,
-                     v_prediction=base.family.v_prediction, speed=speed)
+                     v_prediction=base.family.v_prediction, speed=speed, grad_sync=grad_sync)

@@ -4,7 +4,8 @@ At batch 1-4 a Stable Diffusion step is bound by Python and kernel launches, not
 (BENCHMARKS.md, issue 5). Capturing the whole step once (forward, loss, backward, clipping, fused
 AdamW) and replaying it removes that cost. The eager path is the same code; it runs on the CPU,
 under fp16 (whose grad scaler reads the GPU every step), with gradient accumulation, while an input
-shape warms up, and as the fallback when capture fails.
+shape warms up, and as the fallback when capture fails. Under several processes both paths sum the
+gradients with one all-reduce of one flat buffer (`grad_sync`), the graph path inside the graph.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ class MicroBatch:
     noise: torch.Tensor
     timesteps: torch.Tensor
     cond: dict[str, torch.Tensor]  # token ids per text encoder, or cached {"encoder_hidden_states": ...}
+    weights: torch.Tensor | None = None  # several processes: 1 / global batch per sample (None: the batch mean)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.latents, self.noise, self.timesteps, *self.cond.values()]
+        weights = [] if self.weights is None else [self.weights]
+        return [self.latents, self.noise, self.timesteps, *self.cond.values(), *weights]
 
     def shape_key(self) -> tuple:
         return tuple((tuple(t.shape), t.dtype) for t in self.tensors())
@@ -61,8 +64,9 @@ class TrainStep:
 
     def __init__(self, unet: torch.nn.Module, encode: Callable[[dict], dict], scheduler, params: list[torch.Tensor],
                  optimizer, accelerator, *, mixed_precision: str, max_grad_norm: float, min_snr_gamma: float | None,
-                 v_prediction: bool, speed: SpeedOptions):
-        self.unet, self.encode, self.scheduler = unet, encode, scheduler
+                 v_prediction: bool, speed: SpeedOptions,
+                 grad_sync: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.unet, self.encode, self.scheduler, self.grad_sync = unet, encode, scheduler, grad_sync
         self.params, self.optimizer, self.accelerator = params, optimizer, accelerator
         self.max_grad_norm, self.min_snr_gamma, self.v_prediction = max_grad_norm, min_snr_gamma, v_prediction
         self.speed = speed
@@ -104,24 +108,30 @@ class TrainStep:
         if self.min_snr_gamma:
             snr = compute_snr(sched, mb.timesteps)
             loss = loss * snr.clamp(max=self.min_snr_gamma) / (snr + 1 if self.v_prediction else snr)
-        return loss.mean()
+        return loss.mean() if mb.weights is None else (loss * mb.weights).sum()
 
-    def eager(self, micro: list[MicroBatch]) -> torch.Tensor:
+    def eager(self, micro: list[MicroBatch | None]) -> torch.Tensor:
+        """None: this process has no samples in that micro-batch (a bucket's short last batch)."""
         self.optimizer.zero_grad(set_to_none=True)  # after a capture, .grad still points at a graph's buffers
         total = torch.zeros((), device=self.device)
         for mb in micro:
+            if mb is None:
+                continue
             loss = self.loss(mb)
             self.accelerator.backward(loss / len(micro))
             total += loss.detach()
+        total = total / len(micro)
+        if self.grad_sync is not None:
+            total = self.grad_sync(total)
         if self.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / len(micro)
+        return total
 
     # ---- the graph path
-    def __call__(self, micro: list[MicroBatch]) -> torch.Tensor:
-        if not self.graph_ok or len(micro) != 1:
+    def __call__(self, micro: list[MicroBatch | None]) -> torch.Tensor:
+        if not self.graph_ok or len(micro) != 1 or micro[0] is None or not getattr(self.grad_sync, "ready", True):
             return self.eager(micro)
         mb = micro[0]
         key = mb.shape_key()
@@ -153,13 +163,18 @@ class TrainStep:
         return loss
 
     def _capture(self, mb: MicroBatch) -> tuple[torch.cuda.CUDAGraph, MicroBatch, torch.Tensor]:
-        static = MicroBatch(mb.latents.clone(), mb.noise.clone(), mb.timesteps.clone(), {k: v.clone() for k, v in mb.cond.items()})
+        weights = None if mb.weights is None else mb.weights.clone()
+        static = MicroBatch(mb.latents.clone(), mb.noise.clone(), mb.timesteps.clone(),
+                            {k: v.clone() for k, v in mb.cond.items()}, weights)
         self.optimizer.zero_grad(set_to_none=True)  # backward in the graph then writes, not accumulates, .grad
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # with an all-reduce inside, NCCL's watchdog thread keeps querying events: only this thread must not sync
+        with torch.cuda.graph(graph, capture_error_mode="thread_local" if self.grad_sync else "global"):
             loss = self.loss(static, capturing=True)
             loss.backward()
+            if self.grad_sync is not None:
+                loss = self.grad_sync(loss)
             if self.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
             self.optimizer.step()
