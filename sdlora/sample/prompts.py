@@ -6,8 +6,9 @@ the sequence: the UNet's cross-attention takes any number of tokens. The negativ
 chunks to the same count, because classifier-free guidance batches both. Prompts that fit in one window take
 diffusers' own path unchanged, so short prompts give the same images as before, bit for bit.
 
-The encoders and tokenizers come from the base's family (`text_encoder_keys`), so a family with two encoders can
-extend `long_prompt_embeds` without touching the sampler.
+The encoders and tokenizers come from the base's family (`text_encoder_keys`). With two (SDXL), each window goes
+through both, their penultimate hidden states side by side (768 + 1280), and the pooled embedding is the first
+window's, as A1111 and ComfyUI do; an empty negative prompt is all zeros, as the SDXL pipeline makes it.
 """
 
 from __future__ import annotations
@@ -48,18 +49,49 @@ def encode_chunked(encoder, tokenizer, texts: list[str], chunks: int) -> torch.T
     return torch.cat(out)
 
 
+@torch.no_grad()
+def encode_chunked_pair(base, texts: list[str], chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two encoders (SDXL): [len(texts), 77 * chunks, width1 + width2] penultimate hidden states, window by window,
+    and [len(texts), pooled width]: the last encoder's pooled projection of each text's first window."""
+    hidden, pooled = [], []
+    for text in texts:
+        per_encoder = []
+        for key in base.family.text_encoder_keys:
+            tok, enc = base.tokenizers[key], base.text_encoders[key]
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            windows = chunk_windows(token_ids(tok, text), chunks, tok.bos_token_id, tok.eos_token_id, pad)
+            out = enc(windows.to(enc.device), output_hidden_states=True)
+            per_encoder.append(out.hidden_states[-2])  # [chunks, 77, width]
+        h = torch.cat(per_encoder, dim=-1)
+        hidden.append(h.reshape(1, -1, h.shape[-1]))
+        pooled.append(out.text_embeds[:1])
+    return torch.cat(hidden), torch.cat(pooled)
+
+
 def long_prompt_embeds(base, prompts: list[str], negatives: list[str]) -> dict[str, torch.Tensor] | None:
-    """`prompt_embeds` / `negative_prompt_embeds` for the diffusers pipeline when a prompt needs more than one
-    window, else None (the pipeline tokenizes as usual)."""
+    """`prompt_embeds` / `negative_prompt_embeds` (and SDXL's pooled pair) for the diffusers pipeline when a prompt
+    needs more than one window, else None (the pipeline tokenizes as usual)."""
     keys = base.family.text_encoder_keys
-    if len(keys) != 1:
-        return None  # two-encoder families (SDXL) add their pooled embeddings here when they come
-    tokenizer, encoder = base.tokenizers[keys[0]], base.text_encoders[keys[0]]
-    chunks = n_chunks(tokenizer, [*prompts, *negatives])
+    tokenizers = [base.tokenizers[k] for k in keys]
+    chunks = max(n_chunks(tok, [*prompts, *negatives]) for tok in tokenizers)
     if chunks == 1:
         return None
+    if len(keys) == 2:
+        return _pair_embeds(base, prompts, negatives, chunks)
+    tokenizer, encoder = tokenizers[0], base.text_encoders[keys[0]]
     dtype = next(encoder.parameters()).dtype
     return {
         "prompt_embeds": encode_chunked(encoder, tokenizer, prompts, chunks).to(dtype),
         "negative_prompt_embeds": encode_chunked(encoder, tokenizer, negatives, chunks).to(dtype),
     }
+
+
+def _pair_embeds(base, prompts: list[str], negatives: list[str], chunks: int) -> dict[str, torch.Tensor]:
+    dtype = next(base.text_encoders[base.family.text_encoder_keys[-1]].parameters()).dtype
+    embeds, pooled = encode_chunked_pair(base, prompts, chunks)
+    if any(negatives):
+        neg, neg_pooled = encode_chunked_pair(base, negatives, chunks)
+    else:  # the SDXL pipeline's force_zeros_for_empty_prompt
+        neg, neg_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    return {"prompt_embeds": embeds.to(dtype), "negative_prompt_embeds": neg.to(dtype),
+            "pooled_prompt_embeds": pooled.to(dtype), "negative_pooled_prompt_embeds": neg_pooled.to(dtype)}
