@@ -150,3 +150,16 @@ def test_bench_multi_gpu_runs_one_and_two_processes(work):
     assert "--gpus 2" in two["command"] and "--gpus" not in one["command"]
     assert "| sd15 | 2 | 1 |" in out["table"]
     assert (work / "sd15-2x1" / "lora.safetensors").exists()
+
+
+def test_bench_strength_times_both_paths_and_they_agree(work):
+    bench = _load("bench_strength")
+    out = bench.main(["--family", "sdxl", "--small", "--device", "cpu", "--repeats", "1", "--work", str(work),
+                      "--json", str(work / "strength.json")])
+    r = out["rows"]
+    assert r["hosts"] > 100 and r["loras"] == 3  # the UNet's and both text encoders' layers
+    assert r["change_3_strengths_one_layer_at_a_time_ms"] > 0 and r["change_3_strengths_batched_ms"] > 0
+    assert r["max_abs_diff_vs_per_layer"] < 1e-5  # the batched refresh writes what each layer alone computes
+    from sdlora.lora.layer import LoraHost
+
+    assert LoraHost.merged_inference is None  # the bench leaves the class default as it found it

@@ -16,7 +16,7 @@ from sdlora.formats.kohya import AdapterFile, load_adapter
 from sdlora.formats.names import NameTable
 from sdlora.formats.names_sdxl import SgmNameTable
 from sdlora.lora.blocks import block_multiplier, block_table, check_fits
-from sdlora.lora.layer import DeltaAdapter, LoraAdapter, LoraHost
+from sdlora.lora.layer import DeltaAdapter, LoraAdapter, LoraHost, refresh_merged
 from sdlora.lora.specs import check_strengths
 from sdlora.lora.targets import all_lora_layers, ensure_host
 from sdlora.models.base import BaseModel
@@ -34,6 +34,7 @@ class LoraMixer:
         # per adapter: (UNet strength, text-encoder strength or None, block vector or None), and each host's block
         self.settings: dict[str, tuple[float, float | None, tuple[float, ...] | None]] = {}
         self._host_keys: dict[str, list[str]] = {}
+        self._multipliers: dict[str, tuple] = {}  # name -> (block vector, each host's block multiplier)
         lpb = getattr(base.unet.config, "layers_per_block", 2)
         self._layers_per_block = int(lpb[0] if isinstance(lpb, (list, tuple)) else lpb)
 
@@ -123,11 +124,17 @@ class LoraMixer:
     def _apply(self, name: str, strength: float, te_strength: float | None, blocks: tuple[float, ...] | None) -> None:
         table = self._block_table(blocks)
         te_s = strength if te_strength is None else te_strength
-        for host, key in zip(self._hosts(name), self._host_keys[name]):
-            if host.fused:
-                raise SdloraError("unfuse before changing strengths")
-            s = te_s if id(host) in self._te_hosts else strength
-            host.set_strength(name, s * block_multiplier(key, table, self._layers_per_block))
+        if any(host.fused for host in self._hosts(name)):
+            raise SdloraError("unfuse before changing strengths")
+        cached = self._multipliers.get(name)
+        if cached is None or cached[0] != blocks:
+            cached = (blocks, [block_multiplier(k, table, self._layers_per_block) for k in self._host_keys[name]])
+            self._multipliers[name] = cached
+        batch: list = []  # merged inference copies, recomputed together below (a few kernels per weight shape)
+        te_hosts = self._te_hosts
+        for host, m in zip(self._hosts(name), cached[1]):
+            host.set_strength(name, (te_s if id(host) in te_hosts else strength) * m, batch)
+        refresh_merged(batch)
         self.settings[name] = (float(strength), te_strength, blocks)
 
     def _settings(self, name: str) -> tuple[float, float | None, tuple[float, ...] | None]:
@@ -148,6 +155,7 @@ class LoraMixer:
         del self.loaded[name]
         self.settings.pop(name, None)
         self._host_keys.pop(name, None)
+        self._multipliers.pop(name, None)
 
     def _hosts(self, name: str) -> list[LoraHost]:
         if name not in self.loaded:
