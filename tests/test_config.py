@@ -43,7 +43,8 @@ def test_unset_options_take_the_base_recommendation_then_the_fallback(tmp_path):
     plain = apply_base_defaults(make_config(None, images="i"), tmp_path)  # a base without recommendations
     assert (plain.unet_lr, plain.targets, plain.steps, plain.noise_offset) == (1e-4, "cross-attn", 500, 0.0)
     tiny = apply_base_defaults(make_config(None, images="i"), tiny_base_dir())
-    assert (tiny.unet_lr, tiny.targets, tiny.steps, tiny.noise_offset) == (1e-3, "all-linear", 500, 0.15)
+    assert (tiny.unet_lr, tiny.targets, tiny.steps, tiny.noise_offset, tiny.min_snr_gamma) == (1e-3, "all-linear", 500, 0.3, 5)
+    assert plain.min_snr_gamma is None  # off unless a base recommends it
     mine = apply_base_defaults(make_config(None, images="i", unet_lr=2e-4, targets="attn", epochs=3, noise_offset=0.0), tiny_base_dir())
     assert (mine.unet_lr, mine.targets, mine.steps, mine.noise_offset) == (2e-4, "attn", None, 0.0)  # explicit values and --epochs win
 

@@ -76,8 +76,8 @@ class TrainConfig:
     compile: str = opt("auto", "torch.compile the UNet (GPU): on, off, or auto = on only when the run is long enough to repay ~150 s of compiling per image shape (about 35k steps at batch 1, 14k at 4, 6k at 16)", choices=["auto", "on", "off"])
     channels_last: str = opt("auto", "NHWC memory layout for the UNet's convolutions: on, off, or auto (on for GPU batches of up to 4, where it measured faster)", choices=["auto", "on", "off"])
     sdpa_backend: str | None = opt(None, "force a PyTorch attention kernel: flash, cudnn, efficient or math (default: PyTorch's choice)", choices=["flash", "cudnn", "efficient", "math"])
-    noise_offset: float | None = opt(None, "noise offset: lets the LoRA shift an image's overall brightness, for very light or dark styles (default 0, or the base's recommendation: 0.15 on tiny)")
-    min_snr_gamma: float | None = opt(None, "min-SNR loss weighting gamma (5 is common)")
+    noise_offset: float | None = opt(None, "noise offset: lets the LoRA shift an image's overall brightness, for very light or dark styles (default 0, or the base's recommendation: 0.3 on tiny)")
+    min_snr_gamma: float | None = opt(None, "min-SNR loss weighting gamma (5 is common; default off, or the base's recommendation: 5 on tiny; 0 turns it off)")
     seed: int = opt(42, "random seed: same seed and data give the same adapter")
     # output
     output: str | None = opt(None, "output folder (default output/<name>)")
@@ -127,7 +127,7 @@ class TrainConfig:
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
 HIDDEN = {f.name for f in fields(TrainConfig) if f.metadata.get("hidden")}
 # Used where neither the user nor the base (its sdlora_defaults.json) chose a value.
-FALLBACKS = {"unet_lr": 1e-4, "targets": "cross-attn", "steps": 500, "noise_offset": 0.0}
+FALLBACKS = {"unet_lr": 1e-4, "targets": "cross-attn", "steps": 500, "noise_offset": 0.0, "min_snr_gamma": None}
 BASE_DEFAULTS_FILE = "sdlora_defaults.json"
 
 
