@@ -8,10 +8,10 @@ renders and two-look composites passed through the new VAE) is written to OUT/ch
 names (never over sdlora/assets/checker.safetensors, the shipped base's judge).
 Stage `unet`: LOOKS_UNET_CONFIG (sample_size 32) and a CLIP text encoder (TEXT_CONFIG: the tokenizer and its
 49,408-row table kept, so the folder is a plain SD1 diffusers folder) from scratch on TRAINING_LOOKS renders; the
-look's words are in the caption for --look-named of them (look_caption), 10% captions are empty; large batches,
+look's words are in --look-named of the captions (--plain-named for plain, which is --plain-share of the renders:
+content-only prompts should draw plain), the rest content-only (look_caption), 10% empty; large batches,
 LR warm-up, bf16 autocast on CUDA, EMA, --unet-minutes cap.
-Stage `eval`: held-out content-only prompts judged by the new checker, and one row per training look named in the
-prompt; a model card (README.md) is written from build_log.json.
+Stage `eval` (scripts/tiny_looks_eval.py): held-out prompts judged by the new checker; the model card.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
-from tiny_build_common import grid, to_pixels, write_sd1_parts
+from tiny_build_common import to_pixels, write_sd1_parts
 
 from sdlora.eval import world
 from sdlora.eval.looks import ALL_LOOKS, HELD_OUT_LOOKS, TRAINING_LOOKS, hue_name, look_caption, render_look
@@ -36,25 +36,32 @@ from sdlora.models.tiny import LOOKS_UNET_CONFIG, LOOKS_VAE_CONFIG, SCHEDULER_CO
 SIZE = 128
 LINE_LOOKS = ("sketch", "neon", "hatching", "crosshatch")  # looks drawn with thin lines: the thin-line check's rows
 # where a look's defaults differ from the plain world's (applied only where the command line left the default)
-DEFAULTS = {"unet_batch": 1024, "unet_lr": 1e-3, "warmup": 300, "ema": 0.998, "unet_images": 60000, "vae_images": 60000,
-            "vae_batch": 64, "vae_lr": 5e-4, "checker_scenes": 1500, "checker_steps": 3000, "checker_lr": 2e-3}
+DEFAULTS = {"unet_batch": 1024, "unet_lr": 1e-3, "warmup": 100, "ema": 0.998, "unet_images": 60000, "vae_images": 60000,
+            "vae_batch": 128, "vae_lr": 5e-4, "checker_scenes": 1500, "checker_steps": 3000, "checker_lr": 2e-3}
 SMOKE = {"unet_images": 2 * len(TRAINING_LOOKS), "unet_steps": 2, "unet_batch": 2, "vae_steps": 2, "vae_batch": 2,
          "checker_scenes": 2, "checker_steps": 2, "checker_batch": 8, "eval_prompts": 2, "eval_steps": 2, "warmup": 1,
          "workers": 1, "vae_eval_scenes": 1, "eval_look_prompts": 1}
 
 
 def add_args(ap) -> None:
-    ap.add_argument("--look-named", type=float, default=0.6, help="looks: share of captions that name the look")
+    ap.add_argument("--look-named", type=float, default=0.9, help="looks: share of a non-plain look's captions naming it")
+    ap.add_argument("--plain-named", type=float, default=0.2, help="looks: share of plain's captions naming it")
+    ap.add_argument("--plain-share", type=float, default=1 / 3, help="looks: share of the training renders in plain")
     ap.add_argument("--vae-eval-scenes", type=int, default=60, help="looks: scenes per look for the VAE round trip")
     ap.add_argument("--eval-look-prompts", type=int, default=16, help="looks: prompts per training look named")
     ap.add_argument("--checker-width", type=int, default=64, help="looks: the checker's first width (the shipped: 48)")
     ap.add_argument("--mixes-per-scene", type=int, default=2, help="looks: two-look composites per checker scene")
+    ap.add_argument("--budget-minutes", type=float, default=1e6, help="looks: the UNet stops early so that the whole "
+                    "call ends within this (--eval-reserve seconds left for saving and evaluating)")
+    ap.add_argument("--eval-reserve", type=float, default=60.0, help="looks: seconds --budget-minutes keeps for the end")
 
 
 def apply_defaults(args, ap) -> None:
     for k, v in DEFAULTS.items():
         if getattr(args, k) == ap.get_default(k):
             setattr(args, k, v)
+    if args.workers == ap.get_default("workers"):  # one core left for the process driving the GPU
+        args.workers = max(1, args.workers - 1)
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
@@ -72,17 +79,23 @@ def _scene(seed, index: int, single: bool) -> world.Scene:
 
 
 def _render_job(job: tuple) -> tuple[np.ndarray, str, tuple]:
-    look, seed, index, single, named = job
+    look, seed, index, single, named = job  # named: the chance that the caption names the look
     scene = _scene(seed, index, single)
     rng = random.Random(f"caption/{seed}/{index}")
     text = look_caption(scene, look, rng.random() < named, rng)
     return np.asarray(render_look(look, scene, SIZE)), text, (scene.shapes[0].colour, scene.shapes[0].kind)
 
 
-def render_pool(pool, looks, n: int, seed, single: bool = False, named: float = 0.0, per_scene: bool = False):
-    """n renders (looks cycled; per_scene: every look of one scene side by side) as uint8 [n, H, W, 3], captions, labels."""
-    jobs = [(looks[i % len(looks)], seed, i // len(looks) if per_scene else i, single, named) for i in range(n)]
-    out = pool.map(_render_job, jobs, chunksize=32)
+def render_async(pool, looks, n: int, seed, single: bool = False, named: dict | None = None, per_scene: bool = False):
+    """n renders (looks cycled; per_scene: every look of one scene side by side), rendered by the pool while the GPU
+    trains; `collect` turns the result into uint8 [n, H, W, 3], captions and main-object labels."""
+    jobs = [(looks[i % len(looks)], seed, i // len(looks) if per_scene else i, single, (named or {}).get(looks[i % len(looks)], 0.0))
+            for i in range(n)]
+    return pool.map_async(_render_job, jobs, chunksize=32)
+
+
+def collect(result) -> tuple[np.ndarray, list, list]:
+    out = result.get()
     return np.stack([o[0] for o in out]), [o[1] for o in out], [o[2] for o in out]
 
 
@@ -143,11 +156,11 @@ def _line_mask(image: np.ndarray) -> np.ndarray:
     return np.abs(image.astype(np.float32) - blur).mean(-1) > 40
 
 
-def measure_vae(args, device, vae, pool) -> dict:
+def measure_vae(args, device, vae, rendering) -> dict:
     """Round trip (latent mean -> decode) of every look on --vae-eval-scenes random scenes: the hue judge's colour
     accuracy per object before (the render itself) and after, the pixel MAE, and the MAE on thin lines."""
     n = args.vae_eval_scenes
-    images, _, _ = render_pool(pool, list(ALL_LOOKS), n * len(ALL_LOOKS), "vae-eval", per_scene=True)
+    images, _, _ = collect(rendering)
     rec = round_trip(vae, images, device)
     out = {}
     for k, look in enumerate(ALL_LOOKS):
@@ -190,13 +203,13 @@ def _mixes(job: tuple) -> tuple[list[np.ndarray], list[tuple[str, str]]]:
     return out, pairs
 
 
-def train_checker(args, device, vae, pool) -> dict:
+def train_checker(args, device, vae, pool, rendering) -> dict:
     """Colour/shape softmax heads and one sigmoid per look, on VAE-passed single-look renders and composites;
     accuracy on the first held_n scenes, which it never trains on."""
     from sdlora.eval.checker import COLOUR_NAMES, INPUT, SHAPE_NAMES, Checker, save_checker
 
     looks, n, t0 = list(ALL_LOOKS), args.checker_scenes, time.time()
-    renders, _, labels = render_pool(pool, looks, n * len(looks), args.seed + 1, single=True, per_scene=True)
+    renders, _, labels = collect(rendering)
     renders = round_trip(vae, renders, device, sample=True)
     by_scene = renders.reshape(n, len(looks), *renders.shape[1:])
     mixed = pool.map(_mixes, [(by_scene[i], args.seed + 1, i, args.mixes_per_scene) for i in range(n)], chunksize=16)
@@ -285,7 +298,7 @@ def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> di
     g = torch.Generator(device=device).manual_seed(args.seed)
     scale = vae.config.scaling_factor
     t0, step, ema_loss, first = time.time(), 0, None, None
-    while step < args.unet_steps and (time.time() - t0) < args.unet_minutes * 60:
+    while step < args.unet_steps and (time.time() - t0) < args.unet_minutes * 60 and time.time() < args.deadline:
         for grp in opt.param_groups:
             grp["lr"] = args.unet_lr * min(1.0, (step + 1) / args.warmup)
         idx = torch.randint(0, len(moments), (args.unet_batch,), device=device, generator=g)
@@ -295,11 +308,21 @@ def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> di
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), device=device, generator=g)
         drop = torch.rand(len(idx), device=device, generator=g) < 0.1
         tokens = torch.where(drop[:, None], empty, ids[idx])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = unet(sched.add_noise(lat, noise, t), t, te(tokens)[0]).sample
-        loss = F.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        try:  # batch 1024 needs ~55 GB of saved activations (counted on a CPU); halve it once if the GPU has less
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                pred = unet(sched.add_noise(lat, noise, t), t, te(tokens)[0]).sample
+            loss = F.mse_loss(pred.float(), noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        except torch.OutOfMemoryError:
+            if step or args.unet_batch < 64:
+                raise
+            pred = loss = None
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            args.unet_batch //= 2
+            print(f"unet: out of memory at the first step; batch halved to {args.unet_batch}", flush=True)
+            continue
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
@@ -313,84 +336,45 @@ def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> di
         if step % 200 == 0:
             print(f"unet step {step} loss {ema_loss:.4f} ({time.time() - t0:.0f}s, {step / (time.time() - t0):.2f} it/s)", flush=True)
     seconds = time.time() - t0
+    stopped = "steps" if step >= args.unet_steps else "deadline" if time.time() >= args.deadline else "minutes"
     ema_unet.to(torch.float16).save_pretrained(args.out / "unet")  # shipped in fp16
     ema_te.to(torch.float16).save_pretrained(args.out / "text_encoder")
     write_sd1_parts(args.out, tok)
     count = {n: sum(p.numel() for p in m.parameters()) for n, m in (("unet", unet), ("text_encoder", te), ("vae", vae))}
     weights = sum(f.stat().st_size for f in args.out.rglob("*.safetensors") if f.parent != args.out)
     print(f"unet: {step} steps in {seconds:.0f}s, loss {ema_loss:.4f}; weights {weights / 1e6:.1f} MB fp16 {count}", flush=True)
-    return {"unet_steps": step, "unet_seconds": round(seconds), "unet_first_10_steps_seconds": first, "unet_batch": args.unet_batch,
+    return {"unet_steps": step, "unet_seconds": round(seconds), "unet_stopped_by": stopped, "unet_first_10_steps_seconds": first, "unet_batch": args.unet_batch,
             "unet_lr": args.unet_lr, "warmup": args.warmup, "ema": args.ema, "unet_final_loss": ema_loss,
-            "unet_images": len(images), "look_named": args.look_named, "parameters": count, "weights_bytes_fp16": weights}
+            "unet_images": len(images), "look_named": args.look_named, "plain_named": args.plain_named,
+            "plain_share": args.plain_share, "parameters": count, "weights_bytes_fp16": weights}
 
 
-# ----------------------------------------------------------------------------- stage 3: evaluation
-
-
-@torch.no_grad()
-def _generate(base, prompts: list[str], args, device, batch: int = 64) -> list[Image.Image]:
-    """Batched DPM++ with CFG 7.5; image i starts from seed i's CPU noise (as sdlora.sample.generate does)."""
-    pipe, images = base.pipeline(), []
-    f, c = base.vae_scale_factor, base.unet.config.in_channels
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        lat = torch.stack([torch.randn((c, SIZE // f, SIZE // f), generator=torch.Generator().manual_seed(i + j)) for j in range(len(chunk))])
-        images += pipe(chunk, negative_prompt=[""] * len(chunk), num_inference_steps=args.eval_steps, guidance_scale=7.5,
-                       latents=lat.to(device, base.dtype)).images
-    return images
-
-
-def evaluate(args, device) -> dict:
-    from sdlora.eval.checker import judge, load_checker
-    from sdlora.models.base import load_base
-
-    t0 = time.time()
-    base = load_base(str(args.out), "fp16" if device.type == "cuda" else "fp32", device)
-    checker, names = load_checker(args.out / "checker.safetensors"), list(ALL_LOOKS)
-    scenes = world.eval_scenes(args.eval_prompts)
-    images = _generate(base, [world.caption(s) for s in scenes], args, device)
-    v = judge(checker, images)
-    colour = float(np.mean([c == s.shapes[0].colour for c, s in zip(v["colour"], scenes)]))
-    shape = float(np.mean([k == s.shapes[0].kind for k, s in zip(v["shape"], scenes)]))
-    plain = float(v["style"][:, names.index("plain")].mean())
-    top = {n: float(np.mean(v["style"].argmax(1) == k)) for k, n in enumerate(names) if np.any(v["style"].argmax(1) == k)}
-    out = {"eval_prompts": len(scenes), "eval_colour_acc": colour, "eval_shape_acc": shape, "eval_plain_style": plain,
-           "eval_top_look_share": top, "eval_sampler": f"DPM++ {args.eval_steps} steps, CFG 7.5, seeds 0-{len(scenes) - 1}"}
-    print(f"held-out prompts: colour {colour:.3f} shape {shape:.3f} plain {plain:.3f}", flush=True)
-    grid(images[:32]).save(args.out / "samples.png")
-    rows, sheet, rng = {}, [], random.Random(f"eval-looks/{args.seed}")
-    few = scenes[: args.eval_look_prompts]
-    for look in TRAINING_LOOKS:  # the look named in the prompt: does the base draw it?
-        ims = _generate(base, [look_caption(s, look, True, rng) for s in few], args, device)
-        lv, k = judge(checker, ims), names.index(look)
-        rows[look] = {"style_score": float(lv["style"][:, k].mean()), "top_look": float(np.mean(lv["style"].argmax(1) == k)),
-                      "colour_acc": float(np.mean([c == s.shapes[0].colour for c, s in zip(lv["colour"], few)]))}
-        sheet += ims[:8]
-    grid(sheet, 8).save(args.out / "samples_looks.png")
-    out |= {"eval_named_looks": rows, "eval_look_prompts": len(few), "eval_seconds": round(time.time() - t0),
-            "eval_named_look_mean_score": float(np.mean([r["style_score"] for r in rows.values()]))}
-    print("named looks: " + ", ".join(f"{k} {r['style_score']:.2f}" for k, r in rows.items()), flush=True)
-    return out
-
-
-# ----------------------------------------------------------------------------- the build and its model card
+# ----------------------------------------------------------------------------- the build
 
 
 def build(args, device, log: dict, log_path: Path) -> None:
     """`--world looks`: stages vae (VAE, its round trip, the checker), checker (alone, on OUT's VAE), unet, eval, all."""
     from diffusers import AutoencoderKL
+    from tiny_looks_eval import evaluate, write_card
 
     def save() -> None:
         log_path.write_text(json.dumps(log, indent=2) + "\n")
 
     log["world"], t_all = "looks", time.time()
+    args.deadline = t_all + args.budget_minutes * 60 - args.eval_reserve  # the UNet stops here at the latest
     with mp.get_context("fork").Pool(args.workers) as pool:
         if args.stage in ("vae", "unet", "all"):  # one pool of TRAINING_LOOKS renders feeds the VAE and the UNet
             t0 = time.time()
-            images, captions, _ = render_pool(pool, list(TRAINING_LOOKS), max(args.vae_images, args.unet_images), args.seed,
-                                              named=args.look_named)
+            others = [k for k in TRAINING_LOOKS if k != "plain"]  # plain repeated in the cycle to make up its share
+            cycle = ["plain"] * max(1, round(args.plain_share * len(others) / (1 - args.plain_share))) + others
+            named = {k: args.plain_named if k == "plain" else args.look_named for k in cycle}
+            images, captions, _ = collect(render_async(pool, cycle, max(args.vae_images, args.unet_images), args.seed, named=named))
             log["render_seconds"] = round(time.time() - t0)
             print(f"rendered {len(images)} images of {len(TRAINING_LOOKS)} training looks in {time.time() - t0:.0f}s", flush=True)
+        if args.stage in ("vae", "checker", "all"):  # rendered while the VAE trains
+            eval_renders = render_async(pool, list(ALL_LOOKS), args.vae_eval_scenes * len(ALL_LOOKS), "vae-eval", per_scene=True)
+            checker_renders = render_async(pool, list(ALL_LOOKS), args.checker_scenes * len(ALL_LOOKS), args.seed + 1,
+                                           single=True, per_scene=True)
         if args.stage in ("vae", "all"):
             vae, info = train_vae(args, device, images[: args.vae_images])
             vae.to(torch.float16).save_pretrained(args.out / "vae")  # shipped in fp16
@@ -398,19 +382,17 @@ def build(args, device, log: dict, log_path: Path) -> None:
         if args.stage in ("vae", "checker", "unet", "all"):  # measured and used as shipped: the fp16 weights
             vae = AutoencoderKL.from_pretrained(args.out / "vae").float().to(device).eval()
         if args.stage in ("vae", "all"):
-            log |= measure_vae(args, device, vae, pool)
+            log |= measure_vae(args, device, vae, eval_renders)
             save()
         if args.stage in ("vae", "checker", "all"):
-            log |= train_checker(args, device, vae, pool)
+            log |= train_checker(args, device, vae, pool, checker_renders)
             save()
         if args.stage in ("unet", "all"):
             log["unet"] = train_unet(args, device, vae, images[: args.unet_images], captions[: args.unet_images])
             save()
     if args.stage in ("unet", "eval", "all") and not args.no_eval:
-        log |= evaluate(args, device)
+        log |= evaluate(args, device, SIZE)
     log["build_seconds_this_call"] = round(time.time() - t_all)
     save()
-    from tiny_looks_card import write_card
-
     write_card(args.out, log)
     print(json.dumps(log), flush=True)
