@@ -4,6 +4,11 @@
 # looks-build (issue 15) is one device call of its own on one H200: the whole `--world looks` build, capped so the call ends
 # within ~9.5 minutes (LOOKS_BUDGET_MINUTES of build after the imports, 60 s of it kept for saving and evaluating), its
 # folder tarred and split into 15 MiB parts (files come back 16 MiB at most): cat looks-base.tgz.part-* | tar -xz
+# Device call: run(command="bash scripts/gpu_bench.sh $OUT looks-build", carry=[".whl"], timeout_s=600). Step counts are an
+# ESTIMATE (no GPU run yet): FLOPs counted on a CPU (UNet 4.8 GFLOP forward a sample, ~14.7 train with the text encoder;
+# VAE 11.2), the old tiny VAE's 20.6 it/s and UNet's 2.5-4.5 it/s on H100/H200, and 14 ms a render per core spread
+# over 15 workers: renders ~45 s, VAE 2 min (~1,500-2,400 steps at batch 128), checker ~1 min, UNet what the budget
+# leaves (~3.5-4 min: ~450-700 steps at batch 1024), eval ~30 s. build_log.json records what really ran.
 # (issue 16's SDXL parts take minutes each: sdxl-steps and sdxl-cli are meant for separate device calls, the second
 # reading the first one's bench-train-sdxl.json from SDXL_BARE_JSON, a path in the working tree)
 # Env: TRAIN_VARIANTS (bench_train --variants), GEN_MODES, GEN_TARGETS, GEN_REPEATS, GEN_INTERLEAVE (bench_generate).

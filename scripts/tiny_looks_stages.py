@@ -9,9 +9,8 @@ names (never over sdlora/assets/checker.safetensors, the shipped base's judge).
 Stage `unet`: LOOKS_UNET_CONFIG (sample_size 32) and a CLIP text encoder (TEXT_CONFIG: the tokenizer and its
 49,408-row table kept, so the folder is a plain SD1 diffusers folder) from scratch on TRAINING_LOOKS renders; the
 look's words are in --look-named of the captions (--plain-named for plain, which is --plain-share of the renders:
-content-only prompts should draw plain), the rest content-only (look_caption), 10% empty; large batches,
-LR warm-up, bf16 autocast on CUDA, EMA, --unet-minutes cap.
-Stage `eval` (scripts/tiny_looks_eval.py): held-out prompts judged by the new checker; the model card.
+content-only prompts should draw plain), the rest content-only (look_caption), 10% empty; large batches, LR warm-up,
+bf16 autocast on CUDA, EMA, --unet-minutes cap. Stage `eval` (scripts/tiny_looks_eval.py): the new checker judges.
 """
 
 from __future__ import annotations
@@ -35,9 +34,8 @@ from sdlora.models.tiny import LOOKS_UNET_CONFIG, LOOKS_VAE_CONFIG, SCHEDULER_CO
 
 SIZE = 128
 LINE_LOOKS = ("sketch", "neon", "hatching", "crosshatch")  # looks drawn with thin lines: the thin-line check's rows
-# where a look's defaults differ from the plain world's (applied only where the command line left the default)
 DEFAULTS = {"unet_batch": 1024, "unet_lr": 1e-3, "warmup": 100, "ema": 0.998, "unet_images": 60000, "vae_images": 60000,
-            "vae_batch": 128, "vae_lr": 5e-4, "checker_scenes": 1500, "checker_steps": 3000, "checker_lr": 2e-3}
+            "vae_batch": 128, "vae_lr": 5e-4, "checker_scenes": 1500, "checker_steps": 3000, "checker_lr": 2e-3}  # over plain's
 SMOKE = {"unet_images": 2 * len(TRAINING_LOOKS), "unet_steps": 2, "unet_batch": 2, "vae_steps": 2, "vae_batch": 2,
          "checker_scenes": 2, "checker_steps": 2, "checker_batch": 8, "eval_prompts": 2, "eval_steps": 2, "warmup": 1,
          "workers": 1, "vae_eval_scenes": 1, "eval_look_prompts": 1}
@@ -51,9 +49,8 @@ def add_args(ap) -> None:
     ap.add_argument("--eval-look-prompts", type=int, default=16, help="looks: prompts per training look named")
     ap.add_argument("--checker-width", type=int, default=64, help="looks: the checker's first width (the shipped: 48)")
     ap.add_argument("--mixes-per-scene", type=int, default=2, help="looks: two-look composites per checker scene")
-    ap.add_argument("--budget-minutes", type=float, default=1e6, help="looks: the UNet stops early so that the whole "
-                    "call ends within this (--eval-reserve seconds left for saving and evaluating)")
-    ap.add_argument("--eval-reserve", type=float, default=60.0, help="looks: seconds --budget-minutes keeps for the end")
+    ap.add_argument("--budget-minutes", type=float, default=1e6, help="looks: the UNet stops so the call ends in this")
+    ap.add_argument("--eval-reserve", type=float, default=60.0, help="looks: seconds of the budget kept for saving + eval")
 
 
 def apply_defaults(args, ap) -> None:
@@ -95,7 +92,7 @@ def render_async(pool, looks, n: int, seed, single: bool = False, named: dict | 
 
 
 def collect(result) -> tuple[np.ndarray, list, list]:
-    out = result.get()
+    out = result.get()  # [(render, caption, (colour, kind))]
     return np.stack([o[0] for o in out]), [o[1] for o in out], [o[2] for o in out]
 
 
@@ -118,11 +115,11 @@ def train_vae(args, device, images: np.ndarray) -> tuple[object, dict]:
     torch.manual_seed(args.seed)
     vae = AutoencoderKL(**LOOKS_VAE_CONFIG).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(args.seed)
+    g, held = torch.Generator().manual_seed(args.seed), torch.from_numpy(images).to(device)  # uint8 on the GPU: 3 GB
     t0, step = time.time(), 0
     while step < args.vae_steps and (time.time() - t0) < args.vae_minutes * 60:
-        idx = torch.randint(0, len(images), (args.vae_batch,), generator=g).numpy()
-        x = to_pixels(images[idx], device)
+        idx = torch.randint(0, len(images), (args.vae_batch,), generator=g).to(device)
+        x = held[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             dist = vae.encode(x).latent_dist
             rec = vae.decode(dist.sample()).sample.float()
@@ -136,6 +133,7 @@ def train_vae(args, device, images: np.ndarray) -> tuple[object, dict]:
         if step % 500 == 0:
             print(f"vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
     vae.eval()
+    del held
     with torch.no_grad():  # SD's rule: latents scaled to unit variance
         z = torch.cat([vae.encode(to_pixels(images[i : i + 256], device)).latent_dist.mean for i in range(0, min(4096, len(images)), 256)])
     std = float(z.float().std())
@@ -284,12 +282,15 @@ def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> di
     with torch.no_grad():
         moments = torch.cat([torch.cat([d.mean, d.logvar], 1).float() for d in
                              (vae.encode(to_pixels(images[i : i + 256], device)).latent_dist for i in range(0, len(images), 256))])
-    ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(device)
+    pos = {c: i for i, c in enumerate(sorted(set(captions)))}  # far fewer distinct captions than images: each tokenized once
+    table = tok(list(pos), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(device)
+    ids = table[torch.tensor([pos[c] for c in captions], device=device)]
     empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
     print(f"encoded {len(images)} images to {tuple(moments.shape[1:])} moments in {time.time() - t0:.0f}s", flush=True)
     torch.manual_seed(args.seed)
-    unet = UNet2DConditionModel(**LOOKS_UNET_CONFIG).to(device)
-    te = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).to(device)
+    src = args.init_from  # --init-from: continue an earlier run's EMA weights (a second call) instead of from scratch
+    unet = (UNet2DConditionModel.from_pretrained(src / "unet") if src else UNet2DConditionModel(**LOOKS_UNET_CONFIG)).float().to(device)
+    te = (CLIPTextModel.from_pretrained(src / "text_encoder") if src else CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))).float().to(device)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
     sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     sched.alphas_cumprod = sched.alphas_cumprod.to(device)
@@ -331,8 +332,7 @@ def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> di
             for src, dst in ((unet, ema_unet), (te, ema_te)):
                 torch._foreach_lerp_(list(dst.parameters()), list(src.parameters()), 1 - decay)
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        if step == 10:
-            first = time.time() - t0
+        first = time.time() - t0 if step == 10 else first
         if step % 200 == 0:
             print(f"unet step {step} loss {ema_loss:.4f} ({time.time() - t0:.0f}s, {step / (time.time() - t0):.2f} it/s)", flush=True)
     seconds = time.time() - t0
@@ -344,7 +344,7 @@ def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> di
     weights = sum(f.stat().st_size for f in args.out.rglob("*.safetensors") if f.parent != args.out)
     print(f"unet: {step} steps in {seconds:.0f}s, loss {ema_loss:.4f}; weights {weights / 1e6:.1f} MB fp16 {count}", flush=True)
     return {"unet_steps": step, "unet_seconds": round(seconds), "unet_stopped_by": stopped, "unet_first_10_steps_seconds": first, "unet_batch": args.unet_batch,
-            "unet_lr": args.unet_lr, "warmup": args.warmup, "ema": args.ema, "unet_final_loss": ema_loss,
+            "unet_lr": args.unet_lr, "unet_init_from": str(src) if src else None, "warmup": args.warmup, "ema": args.ema, "unet_final_loss": ema_loss,
             "unet_images": len(images), "look_named": args.look_named, "plain_named": args.plain_named,
             "plain_share": args.plain_share, "parameters": count, "weights_bytes_fp16": weights}
 
@@ -388,6 +388,7 @@ def build(args, device, log: dict, log_path: Path) -> None:
             log |= train_checker(args, device, vae, pool, checker_renders)
             save()
         if args.stage in ("unet", "all"):
+            log |= {"unet_previous": log["unet"]} if "unet" in log else {}
             log["unet"] = train_unet(args, device, vae, images[: args.unet_images], captions[: args.unet_images])
             save()
     if args.stage in ("unet", "eval", "all") and not args.no_eval:
