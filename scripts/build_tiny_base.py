@@ -19,6 +19,9 @@ kernel non-determinism).
 text encoders. `--smoke` shrinks every stage to a few images and steps so the whole builder runs on a CPU in a minute.
 
     python scripts/build_tiny_base.py --family sdxl --out build/tiny-xl --unet-minutes 12
+
+`--world looks` builds issue 15's base instead (scripts/tiny_looks_stages.py): a 4x VAE (32x32 latents), a checker for
+every look, and a UNet trained on the training looks, their names in part of the captions.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import multiprocessing as mp
 import random
 import sys
@@ -38,6 +40,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tiny_looks_stages as looks  # noqa: E402
+from tiny_build_common import grid, to_pixels, write_sd1_parts  # noqa: E402
+
 from sdlora.eval import world  # noqa: E402
 from sdlora.models.tiny import SCHEDULER_CONFIG, TEXT_CONFIG, TOKENIZER_DIR, UNET_CONFIG, VAE_CONFIG  # noqa: E402
 
@@ -68,10 +73,6 @@ def render_pool(styles: list[str], n: int, seed: int, workers: int, single: bool
     with mp.get_context("fork").Pool(workers) as pool:
         out = pool.map(_render_one, jobs, chunksize=64)
     return np.stack([o[0] for o in out]), [o[1] for o in out], [o[2] for o in out]
-
-
-def to_pixels(batch: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 # ----------------------------------------------------------------------------- stage 1: VAE + checker
@@ -296,13 +297,7 @@ def train_unet(args, device) -> dict:
             print(f"unet step {step} loss {ema_loss:.4f} ({time.time() - t0:.0f}s)", flush=True)
     ema_unet.to(torch.float16).save_pretrained(args.out / "unet")  # shipped in fp16
     ema_te.to(torch.float16).save_pretrained(args.out / "text_encoder")
-    tok.save_pretrained(args.out / "tokenizer")
-    DDPMScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(args.out / "scheduler")
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1", "feature_extractor": [None, None],
-             "requires_safety_checker": False, "safety_checker": [None, None], "scheduler": ["diffusers", "DDPMScheduler"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
-    (args.out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_sd1_parts(args.out, tok)
     return {"unet_steps": step, "unet_seconds": round(time.time() - t0), "unet_batch": args.unet_batch, "unet_lr": args.unet_lr,
             "unet_init_from": str(args.init_from) if args.init_from else None,
             "unet_final_loss": ema_loss, "unet_images": args.unet_images}
@@ -327,23 +322,12 @@ def evaluate(args, device) -> dict:
     plain = float(verdict["style"][:, world.STYLES.index("plain")].mean())
     styled = {s: float(verdict["style"][:, k].mean()) for k, s in enumerate(world.STYLES) if s != "plain"}
     read_as_styled = float((verdict["style"][:, 1:] > 0.5).any(1).mean())  # the plain base must not look styled
-    grid = _grid(images[:32])
-    grid.save(args.out / "samples.png")
+    grid(images[:32]).save(args.out / "samples.png")
     print(f"held-out prompts: colour {colour:.3f}, shape {shape:.3f}, plain-style {plain:.3f}, other styles {styled}, "
           f"read as styled {read_as_styled:.3f}", flush=True)
     return {"eval_prompts": len(scenes), "eval_colour_acc": colour, "eval_shape_acc": shape, "eval_plain_style": plain,
             "eval_other_style_scores": styled, "eval_read_as_styled": read_as_styled,
             "eval_sampler": f"DPM++ {args.eval_steps} steps, CFG 7.5, seeds 0-{len(scenes) - 1}"}
-
-
-def _grid(images, cols: int = 8):
-    from PIL import Image
-
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 def main() -> None:
@@ -378,11 +362,16 @@ def main() -> None:
     ap.add_argument("--tiny-from", type=Path, default=Path(__file__).resolve().parents[1] / "sdlora" / "assets" / "tiny-base",
                     help="sdxl: the tiny base whose VAE (and text encoder, as a start) tiny-xl reuses")
     ap.add_argument("--smoke", action="store_true", help="toy sizes (a few images and steps) to check the builder on a CPU")
+    ap.add_argument("--world", choices=["plain", "looks"], default="plain",
+                    help="plain: the shipped base (4 styles, UNet on plain only); looks: issue 15's (scripts/tiny_looks_stages.py)")
+    looks.add_args(ap)
     args = ap.parse_args()
     if args.smoke:
         args.vae_images, args.vae_steps, args.unet_images, args.unet_steps, args.unet_batch = 16, 2, 16, 2, 2
         args.checker_scenes, args.checker_steps, args.checker_batch = 8, 2, 8
         args.eval_prompts, args.eval_steps, args.warmup, args.workers = 1, 2, 1, 1
+    if args.world == "looks":
+        looks.apply_defaults(args, ap)  # its own defaults where the command line left one, and its own smoke sizes
     args.size = SIZE
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -392,6 +381,8 @@ def main() -> None:
     log |= {"seed": args.seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
     if args.family == "sdxl":
         return build_sdxl(args, device, log, log_path)
+    if args.world == "looks":
+        return looks.build(args, device, log, log_path)
     if args.stage in ("vae", "checker", "all"):  # `checker` retrains it alone, on the VAE already in --out
         from diffusers import AutoencoderKL
 

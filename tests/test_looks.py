@@ -1,7 +1,6 @@
 """The looks of sdlora/eval/looks.py: enough of them, held out by name, deterministic, colour and silhouette
 kept, each one visibly its own; and the dataset writer draws any of them (world's three byte for byte)."""
 
-import colorsys
 import filecmp
 import functools
 import itertools
@@ -17,13 +16,20 @@ from PIL import Image, ImageFilter
 
 from sdlora.eval import world
 from sdlora.eval.datasets import main as dataset_main
-from sdlora.eval.looks import ALL_LOOKS, HELD_OUT_LOOKS, LOOKS, TRAINING_LOOKS, get_look, look_caption, render_look
+from sdlora.eval.looks import (
+    ALL_LOOKS,
+    HELD_OUT_LOOKS,
+    LOOKS,
+    TRAINING_LOOKS,
+    get_look,
+    hue_name,
+    look_caption,
+    render_look,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 128
 SCENES = [world.random_scene(random.Random(f"looks-{i}")) for i in range(60)]
-HUES = {c: colorsys.rgb_to_hsv(*[v / 255 for v in rgb])[0] for c, rgb in world.COLOURS.items()}
-MIN_CHROMA = 0.05  # below this mean chroma (0..1) a shape reads as grey: its colour is lost
 
 
 @functools.cache
@@ -33,17 +39,6 @@ def _pixels(look: str, index: int) -> np.ndarray:
 
 def _render(look: str, index: int) -> np.ndarray:
     return _pixels(look, index).astype(np.float32) / 255
-
-
-def hue_name(pixels: np.ndarray) -> str | None:
-    """A simple hue judge: the angle of the mean chroma vector (a chroma-weighted circular mean of the hue)
-    of the pixels, as the nearest of world's six named hues; None when the pixels are, on average, grey."""
-    c = pixels - pixels.mean(-1, keepdims=True)
-    a, b = (2 * c[:, 0] - c[:, 1] - c[:, 2]).mean() / 2, (c[:, 1] - c[:, 2]).mean() * np.sqrt(3) / 2
-    if np.hypot(a, b) < MIN_CHROMA:
-        return None
-    hue = np.arctan2(b, a) / (2 * np.pi) % 1
-    return min(HUES, key=lambda name: min(abs(HUES[name] - hue), 1 - abs(HUES[name] - hue)))
 
 
 def _masks(scene: world.Scene, size: int) -> list[Image.Image]:

@@ -10,6 +10,7 @@ Shipped in the package; `scripts/build_tiny_base.py` trains it. No such judge ex
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,11 @@ INPUT = 64
 
 
 class Checker(nn.Module):
-    def __init__(self, width: int = 48):
+    """`style_names`: one sigmoid output per style (the shipped checker: world.STYLES; a looks checker: every look)."""
+
+    def __init__(self, width: int = 48, style_names: tuple[str, ...] | list[str] = STYLE_NAMES):
         super().__init__()
+        self.style_names = list(style_names)
         layers, c_in = [], 3
         for c_out in (width, width * 2, width * 2, width * 4):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(8, c_out), nn.SiLU(),
@@ -37,7 +41,7 @@ class Checker(nn.Module):
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.colour = nn.Linear(c_in, len(COLOUR_NAMES))
         self.shape = nn.Linear(c_in, len(SHAPE_NAMES))
-        self.style = nn.Linear(c_in, len(STYLE_NAMES))  # independent logits: a mix can show two styles
+        self.style = nn.Linear(c_in, len(self.style_names))  # independent logits: a mix can show two styles
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.features(x)
@@ -49,21 +53,37 @@ def to_input(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def save_checker(model: Checker, path: Path) -> None:
+    """The weights with the style names in the file's metadata, so load_checker rebuilds the right heads."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"style_names": json.dumps(model.style_names)})
+
+
 def load_checker(path: Path = CHECKER_PATH) -> Checker:
+    """A checker and its style names (from the file's metadata; world.STYLES where it has none, as the shipped one);
+    the width is read off the first layer's weights."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from sdlora.errors import SdloraError
 
+    path = Path(path)
     if not path.exists():
         raise SdloraError(f"the world checker is missing ({path}); build it with scripts/build_tiny_base.py")
-    model = Checker()
-    model.load_state_dict(load_file(str(path)))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    weights = load_file(str(path))
+    names = json.loads(meta["style_names"]) if "style_names" in meta else STYLE_NAMES
+    model = Checker(width=weights["features.0.weight"].shape[0], style_names=names)
+    model.load_state_dict(weights)
     return model.eval()
 
 
 @torch.no_grad()
 def judge(model: Checker, images: list[Image.Image]) -> dict[str, np.ndarray]:
-    """Per image: predicted colour/shape names and the probability that each style shows."""
+    """Per image: predicted colour/shape names and the probability that each style shows (model.style_names order)."""
     colours, shapes, styles = [], [], []
     for i in range(0, len(images), 64):
         c, s, st = model(to_input(images[i : i + 64]))

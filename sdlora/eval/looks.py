@@ -16,6 +16,7 @@ live in looks_draw.py (training) and looks_held.py (held out) and are drawn 2x s
 
 from __future__ import annotations
 
+import colorsys
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from PIL import Image
 
 from sdlora.eval import looks_draw as draw
 from sdlora.eval import looks_held as held
-from sdlora.eval.world import DESCRIPTIONS, Scene, caption, render
+from sdlora.eval.world import COLOURS, DESCRIPTIONS, Scene, caption, render
 
 _SUPERSAMPLE = 2
 
@@ -108,3 +109,18 @@ def look_caption(scene: Scene, look: str, named: bool, rng: random.Random) -> st
         return text
     word = rng.choice(words)
     return f"{word}, {text}" if rng.random() < 0.5 else f"{text}, {word}"
+
+
+HUES = {c: colorsys.rgb_to_hsv(*[v / 255 for v in rgb])[0] for c, rgb in COLOURS.items()}
+MIN_CHROMA = 0.05  # below this mean chroma (0..1) a shape reads as grey: its colour is lost
+
+
+def hue_name(pixels: np.ndarray) -> str | None:
+    """A simple hue judge of pixels [N, 3] in 0..1: the angle of the mean chroma vector (a chroma-weighted circular
+    mean of the hue) as the nearest of world's six named hues; None when the pixels are, on average, grey."""
+    c = pixels - pixels.mean(-1, keepdims=True)
+    a, b = (2 * c[:, 0] - c[:, 1] - c[:, 2]).mean() / 2, (c[:, 1] - c[:, 2]).mean() * np.sqrt(3) / 2
+    if np.hypot(a, b) < MIN_CHROMA:
+        return None
+    hue = np.arctan2(b, a) / (2 * np.pi) % 1
+    return min(HUES, key=lambda name: min(abs(HUES[name] - hue), 1 - abs(HUES[name] - hue)))

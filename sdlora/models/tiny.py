@@ -50,6 +50,11 @@ TEXT_CONFIG = {
     "eos_token_id": 49407,
     "pad_token_id": 49407,
 }
+# The looks base (issue 15, scripts/tiny_looks_stages.py): 32x32 latents for 128-px images from a 4x VAE (3 levels),
+# a wider UNet for fifteen looks; the text encoder is TEXT_CONFIG's (the CLIP token table kept: 6.3 MB in fp16).
+LOOKS_UNET_CONFIG = UNET_CONFIG | {"sample_size": 32, "block_out_channels": [64, 128, 128, 128]}
+LOOKS_VAE_CONFIG = VAE_CONFIG | {"down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
+                                 "block_out_channels": [32, 64, 128]}
 # The same noise schedule SD1.5 trains with (scaled_linear betas, epsilon prediction).
 SCHEDULER_CONFIG = {
     "_class_name": "DDPMScheduler",

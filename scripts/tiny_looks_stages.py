@@ -1,0 +1,399 @@
+"""The looks stages of scripts/build_tiny_base.py (`--world looks`, issue 15): a tiny SD1 base that has seen many looks.
+
+Stage `vae`: an AutoencoderKL with 3 levels (4x down: 128-px images <-> 32x32x4 latents, sdlora.models.tiny's
+LOOKS_VAE_CONFIG) trained on renders of TRAINING_LOOKS only; its round trip is then measured on renders of EVERY look
+(held-out ones too): the hue judge's colour reading per object (sdlora.eval.looks.hue_name) and the error on thin
+lines; scaling factor 1 / std of the latents. Then a checker with one sigmoid per look of ALL_LOOKS (single-look
+renders and two-look composites passed through the new VAE) is written to OUT/checker.safetensors with its style
+names (never over sdlora/assets/checker.safetensors, the shipped base's judge).
+Stage `unet`: LOOKS_UNET_CONFIG (sample_size 32) and a CLIP text encoder (TEXT_CONFIG: the tokenizer and its
+49,408-row table kept, so the folder is a plain SD1 diffusers folder) from scratch on TRAINING_LOOKS renders; the
+look's words are in --look-named of the captions (--plain-named for plain, which is --plain-share of the renders:
+content-only prompts should draw plain), the rest content-only (look_caption), 10% empty; large batches, LR warm-up,
+bf16 autocast on CUDA, EMA, --unet-minutes cap. Stage `eval` (scripts/tiny_looks_eval.py): the new checker judges.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing as mp
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+from tiny_build_common import to_pixels, write_sd1_parts
+
+from sdlora.eval import world
+from sdlora.eval.looks import ALL_LOOKS, HELD_OUT_LOOKS, TRAINING_LOOKS, hue_name, look_caption, render_look
+from sdlora.models.tiny import LOOKS_UNET_CONFIG, LOOKS_VAE_CONFIG, SCHEDULER_CONFIG, TEXT_CONFIG, TOKENIZER_DIR
+
+SIZE = 128
+LINE_LOOKS = ("sketch", "neon", "hatching", "crosshatch")  # looks drawn with thin lines: the thin-line check's rows
+DEFAULTS = {"unet_batch": 1024, "unet_lr": 1e-3, "warmup": 100, "ema": 0.998, "unet_images": 60000, "vae_images": 60000,
+            "vae_batch": 128, "vae_lr": 5e-4, "checker_scenes": 1500, "checker_steps": 3000, "checker_lr": 2e-3}  # over plain's
+SMOKE = {"unet_images": 2 * len(TRAINING_LOOKS), "unet_steps": 2, "unet_batch": 2, "vae_steps": 2, "vae_batch": 2,
+         "checker_scenes": 2, "checker_steps": 2, "checker_batch": 8, "eval_prompts": 2, "eval_steps": 2, "warmup": 1,
+         "workers": 1, "vae_eval_scenes": 1, "eval_look_prompts": 1}
+
+
+def add_args(ap) -> None:
+    ap.add_argument("--look-named", type=float, default=0.9, help="looks: share of a non-plain look's captions naming it")
+    ap.add_argument("--plain-named", type=float, default=0.2, help="looks: share of plain's captions naming it")
+    ap.add_argument("--plain-share", type=float, default=1 / 3, help="looks: share of the training renders in plain")
+    ap.add_argument("--vae-eval-scenes", type=int, default=60, help="looks: scenes per look for the VAE round trip")
+    ap.add_argument("--eval-look-prompts", type=int, default=16, help="looks: prompts per training look named")
+    ap.add_argument("--checker-width", type=int, default=64, help="looks: the checker's first width (the shipped: 48)")
+    ap.add_argument("--mixes-per-scene", type=int, default=2, help="looks: two-look composites per checker scene")
+    ap.add_argument("--budget-minutes", type=float, default=1e6, help="looks: the UNet stops so the call ends in this")
+    ap.add_argument("--eval-reserve", type=float, default=60.0, help="looks: seconds of the budget kept for saving + eval")
+
+
+def apply_defaults(args, ap) -> None:
+    for k, v in DEFAULTS.items():
+        if getattr(args, k) == ap.get_default(k):
+            setattr(args, k, v)
+    if args.workers == ap.get_default("workers"):  # one core left for the process driving the GPU
+        args.workers = max(1, args.workers - 1)
+    if args.smoke:
+        for k, v in SMOKE.items():
+            setattr(args, k, v)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _scene(seed, index: int, single: bool) -> world.Scene:
+    rng = random.Random(f"looks/{seed}/{index}")
+    while True:
+        scene = world.random_scene(rng)
+        if (not single or len(scene.shapes) == 1) and not world.is_held_out(scene):
+            return scene
+
+
+def _render_job(job: tuple) -> tuple[np.ndarray, str, tuple]:
+    look, seed, index, single, named = job  # named: the chance that the caption names the look
+    scene = _scene(seed, index, single)
+    rng = random.Random(f"caption/{seed}/{index}")
+    text = look_caption(scene, look, rng.random() < named, rng)
+    return np.asarray(render_look(look, scene, SIZE)), text, (scene.shapes[0].colour, scene.shapes[0].kind)
+
+
+def render_async(pool, looks, n: int, seed, single: bool = False, named: dict | None = None, per_scene: bool = False):
+    """n renders (looks cycled; per_scene: every look of one scene side by side), rendered by the pool while the GPU
+    trains; `collect` turns the result into uint8 [n, H, W, 3], captions and main-object labels."""
+    jobs = [(looks[i % len(looks)], seed, i // len(looks) if per_scene else i, single, (named or {}).get(looks[i % len(looks)], 0.0))
+            for i in range(n)]
+    return pool.map_async(_render_job, jobs, chunksize=32)
+
+
+def collect(result) -> tuple[np.ndarray, list, list]:
+    out = result.get()  # [(render, caption, (colour, kind))]
+    return np.stack([o[0] for o in out]), [o[1] for o in out], [o[2] for o in out]
+
+
+@torch.no_grad()
+def round_trip(vae, images: np.ndarray, device, batch: int = 128, sample: bool = False) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), batch):
+        dist = vae.encode(to_pixels(images[i : i + batch], device)).latent_dist
+        rec = vae.decode(dist.sample() if sample else dist.mode()).sample
+        out.append(((rec.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- stage 1: VAE, its round trip, checker
+
+
+def train_vae(args, device, images: np.ndarray) -> tuple[object, dict]:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(**LOOKS_VAE_CONFIG).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    g, held = torch.Generator().manual_seed(args.seed), torch.from_numpy(images).to(device)  # uint8 on the GPU: 3 GB
+    t0, step = time.time(), 0
+    while step < args.vae_steps and (time.time() - t0) < args.vae_minutes * 60:
+        idx = torch.randint(0, len(images), (args.vae_batch,), generator=g).to(device)
+        x = held[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            dist = vae.encode(x).latent_dist
+            rec = vae.decode(dist.sample()).sample.float()
+        kl = dist.kl().mean() / x[0].numel()
+        loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 500 == 0:
+            print(f"vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+    vae.eval()
+    del held
+    with torch.no_grad():  # SD's rule: latents scaled to unit variance
+        z = torch.cat([vae.encode(to_pixels(images[i : i + 256], device)).latent_dist.mean for i in range(0, min(4096, len(images)), 256)])
+    std = float(z.float().std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    print(f"vae: {step} steps in {time.time() - t0:.0f}s, latent std {std:.4f}, latents {tuple(z.shape[1:])}", flush=True)
+    return vae, {"vae_steps": step, "vae_seconds": round(time.time() - t0), "vae_batch": args.vae_batch, "vae_lr": args.vae_lr,
+                 "vae_images": len(images), "vae_latent_std": std, "vae_scaling_factor": 1.0 / std,
+                 "vae_latent_shape": list(z.shape[1:]), "vae_trained_on": list(TRAINING_LOOKS)}
+
+
+def _object_masks(scene: world.Scene) -> list[np.ndarray]:  # 2 px inside each object's edge, as tests/test_looks.py
+    return [np.asarray(world._mask(world._outline(s, SIZE), SIZE).filter(ImageFilter.MinFilter(5))) > 127 for s in scene.shapes]
+
+
+def _line_mask(image: np.ndarray) -> np.ndarray:
+    """Thin strokes: pixels far (> 40 of 255) from their 5x5 box-blurred neighbourhood."""
+    blur = np.asarray(Image.fromarray(image).filter(ImageFilter.BoxBlur(2)), np.float32)
+    return np.abs(image.astype(np.float32) - blur).mean(-1) > 40
+
+
+def measure_vae(args, device, vae, rendering) -> dict:
+    """Round trip (latent mean -> decode) of every look on --vae-eval-scenes random scenes: the hue judge's colour
+    accuracy per object before (the render itself) and after, the pixel MAE, and the MAE on thin lines."""
+    n = args.vae_eval_scenes
+    images, _, _ = collect(rendering)
+    rec = round_trip(vae, images, device)
+    out = {}
+    for k, look in enumerate(ALL_LOOKS):
+        right_in, right_out, line_err, mae = [], [], [], []
+        for i in range(n):
+            j, scene = i * len(ALL_LOOKS) + k, _scene("vae-eval", i, False)
+            a, b = images[j].astype(np.float32) / 255, rec[j].astype(np.float32) / 255
+            for shape, mask in zip(scene.shapes, _object_masks(scene)):
+                right_in.append(hue_name(a[mask]) == shape.colour)
+                right_out.append(hue_name(b[mask]) == shape.colour)
+            lines = _line_mask(images[j])
+            mae.append(np.abs(a - b).mean() * 255)
+            if lines.any():
+                line_err.append(np.abs(a - b)[lines].mean() * 255)
+        out[look] = {"colour_acc": float(np.mean(right_out)), "colour_acc_render": float(np.mean(right_in)),
+                     "objects": len(right_out), "mae": float(np.mean(mae)),
+                     "line_mae": float(np.mean(line_err)) if line_err else None, "held_out": look in HELD_OUT_LOOKS}
+    worst = min(out, key=lambda name: out[name]["colour_acc"])
+    print(f"vae round trip: worst colour {worst} {out[worst]['colour_acc']:.3f}; line MAE "
+          + ", ".join(f"{name} {out[name]['line_mae']}" for name in LINE_LOOKS), flush=True)
+    return {"vae_round_trip": out, "vae_min_colour_acc": out[worst]["colour_acc"], "vae_min_colour_look": worst,
+            "vae_colour_bar_met": all(v["colour_acc"] >= 0.97 for v in out.values()), "vae_eval_scenes": n}
+
+
+def _mixes(job: tuple) -> tuple[list[np.ndarray], list[tuple[str, str]]]:
+    """Two-look composites of one scene from its VAE-passed renders (ALL_LOOKS order): objects in one look over the
+    other's background (world.split_mix), and sketch's ink printed over the other look when one of them is sketch."""
+    renders, seed, index, k = job
+    scene = _scene(seed, index, True)
+    rng = random.Random(f"mix/{seed}/{index}")
+    out, pairs = [], []
+    for _ in range(k):
+        a, b = rng.sample(ALL_LOOKS, 2)
+        ims = {n: Image.fromarray(renders[ALL_LOOKS.index(n)]) for n in (a, b)}
+        if "sketch" in (a, b) and rng.random() < 0.5:
+            out.append(np.asarray(world.ink_mix([ims[a], ims[b]])))
+        else:
+            out.append(np.asarray(world.split_mix(ims[a], ims[b], scene)))
+        pairs.append((a, b))
+    return out, pairs
+
+
+def train_checker(args, device, vae, pool, rendering) -> dict:
+    """Colour/shape softmax heads and one sigmoid per look, on VAE-passed single-look renders and composites;
+    accuracy on the first held_n scenes, which it never trains on."""
+    from sdlora.eval.checker import COLOUR_NAMES, INPUT, SHAPE_NAMES, Checker, save_checker
+
+    looks, n, t0 = list(ALL_LOOKS), args.checker_scenes, time.time()
+    renders, _, labels = collect(rendering)
+    renders = round_trip(vae, renders, device, sample=True)
+    by_scene = renders.reshape(n, len(looks), *renders.shape[1:])
+    mixed = pool.map(_mixes, [(by_scene[i], args.seed + 1, i, args.mixes_per_scene) for i in range(n)], chunksize=16)
+    print(f"checker data: {len(renders)} renders + {n * args.mixes_per_scene} composites in {time.time() - t0:.0f}s", flush=True)
+    main = labels[:: len(looks)]
+    m_scene = [i for i in range(n) for _ in range(args.mixes_per_scene)]
+    colour = torch.tensor([COLOUR_NAMES.index(c) for c, _ in labels] + [COLOUR_NAMES.index(main[i][0]) for i in m_scene])
+    shape = torch.tensor([SHAPE_NAMES.index(k) for _, k in labels] + [SHAPE_NAMES.index(main[i][1]) for i in m_scene])
+    style = torch.zeros(len(labels) + len(m_scene), len(looks))
+    style[torch.arange(len(labels)), torch.arange(len(labels)) % len(looks)] = 1.0
+    for row, (a, b) in enumerate(p for _, pairs in mixed for p in pairs):
+        style[len(labels) + row, [looks.index(a), looks.index(b)]] = 1.0
+    scene = torch.tensor([i // len(looks) for i in range(len(labels))] + m_scene)
+    pixels = np.concatenate([renders] + [np.stack(m) for m, _ in mixed])
+    x = torch.cat([F.interpolate(to_pixels(pixels[i : i + 4096], device), size=(INPUT, INPUT), mode="bilinear", antialias=True)
+                   for i in range(0, len(pixels), 4096)])
+    colour, shape, style = colour.to(device), shape.to(device), style.to(device)
+    held_n = min(200, max(1, n // 4))
+    train_idx, val_idx = (scene >= held_n).nonzero().squeeze(1).to(device), (scene < held_n).nonzero().squeeze(1).to(device)
+    torch.manual_seed(args.seed)
+    model = Checker(args.checker_width, looks).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.checker_lr, weight_decay=1e-4)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    t0 = time.time()
+    for step in range(args.checker_steps):
+        for grp in opt.param_groups:  # warm-up, then cosine to 5%
+            grp["lr"] = args.checker_lr * min((step + 1) / 100, 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / args.checker_steps)))
+        idx = train_idx[torch.randint(0, len(train_idx), (args.checker_batch,), device=device, generator=g)]
+        xb = x[idx] + 0.03 * torch.randn((len(idx), *x.shape[1:]), device=device, generator=g)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            c, s, sl = model(xb)
+        loss = (F.cross_entropy(c.float(), colour[idx]) + F.cross_entropy(s.float(), shape[idx])
+                + F.binary_cross_entropy_with_logits(sl.float(), style[idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 500 == 0:
+            print(f"checker step {step + 1} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+    model.eval()
+    with torch.no_grad():
+        c, s, sl = (torch.cat(t) for t in zip(*(model(x[val_idx[i : i + 512]]) for i in range(0, len(val_idx), 512))))
+    p, vs = torch.sigmoid(sl), style[val_idx]
+    single = vs.sum(1) == 1
+    ok_c, ok_s = c.argmax(1) == colour[val_idx], s.argmax(1) == shape[val_idx]
+    per_look = {}
+    for k, name in enumerate(looks):
+        rows = single & (vs[:, k] == 1)
+        per_look[name] = {"style_acc": float(((p[rows].argmax(1) == k) & (p[rows, k] > 0.5)).float().mean()),
+                          "colour_acc": float(ok_c[rows].float().mean()), "shape_acc": float(ok_s[rows].float().mean())}
+    acc = {"checker_per_look": per_look, "checker_colour_acc": float(ok_c[single].float().mean()),
+           "checker_shape_acc": float(ok_s[single].float().mean()),
+           "checker_style_acc": float((p[single].argmax(1) == vs[single].argmax(1)).float().mean()),
+           "checker_mix_colour_acc": float(ok_c[~single].float().mean()),
+           "checker_mix_both_looks_acc": float(((p[~single] > 0.5) == (vs[~single] > 0.5)).all(1).float().mean()),
+           "checker_steps": args.checker_steps, "checker_scenes": n, "checker_held_scenes": held_n,
+           "checker_width": args.checker_width, "checker_seconds": round(time.time() - t0), "checker_style_names": looks}
+    save_checker(model.cpu(), args.out / "checker.safetensors")
+    print(f"checker on {held_n} held-out scenes: colour {acc['checker_colour_acc']:.3f} shape {acc['checker_shape_acc']:.3f} "
+          f"style {acc['checker_style_acc']:.3f} mixes {acc['checker_mix_both_looks_acc']:.3f}", flush=True)
+    return acc
+
+
+# ----------------------------------------------------------------------------- stage 2: UNet + text encoder
+
+
+def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> dict:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    t0 = time.time()
+    with torch.no_grad():
+        moments = torch.cat([torch.cat([d.mean, d.logvar], 1).float() for d in
+                             (vae.encode(to_pixels(images[i : i + 256], device)).latent_dist for i in range(0, len(images), 256))])
+    pos = {c: i for i, c in enumerate(sorted(set(captions)))}  # far fewer distinct captions than images: each tokenized once
+    table = tok(list(pos), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(device)
+    ids = table[torch.tensor([pos[c] for c in captions], device=device)]
+    empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
+    print(f"encoded {len(images)} images to {tuple(moments.shape[1:])} moments in {time.time() - t0:.0f}s", flush=True)
+    torch.manual_seed(args.seed)
+    src = args.init_from  # --init-from: continue an earlier run's EMA weights (a second call) instead of from scratch
+    unet = (UNet2DConditionModel.from_pretrained(src / "unet") if src else UNet2DConditionModel(**LOOKS_UNET_CONFIG)).float().to(device)
+    te = (CLIPTextModel.from_pretrained(src / "text_encoder") if src else CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))).float().to(device)
+    ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    sched.alphas_cumprod = sched.alphas_cumprod.to(device)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2, fused=device.type == "cuda")
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    scale = vae.config.scaling_factor
+    t0, step, ema_loss, first = time.time(), 0, None, None
+    while step < args.unet_steps and (time.time() - t0) < args.unet_minutes * 60 and time.time() < args.deadline:
+        for grp in opt.param_groups:
+            grp["lr"] = args.unet_lr * min(1.0, (step + 1) / args.warmup)
+        idx = torch.randint(0, len(moments), (args.unet_batch,), device=device, generator=g)
+        mean, logvar = moments[idx].chunk(2, dim=1)
+        lat = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, device=device, generator=g)) * scale
+        noise = torch.randn(lat.shape, device=device, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), device=device, generator=g)
+        drop = torch.rand(len(idx), device=device, generator=g) < 0.1
+        tokens = torch.where(drop[:, None], empty, ids[idx])
+        try:  # batch 1024 needs ~55 GB of saved activations (counted on a CPU); halve it once if the GPU has less
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                pred = unet(sched.add_noise(lat, noise, t), t, te(tokens)[0]).sample
+            loss = F.mse_loss(pred.float(), noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        except torch.OutOfMemoryError:
+            if step or args.unet_batch < 64:
+                raise
+            pred = loss = None
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            args.unet_batch //= 2
+            print(f"unet: out of memory at the first step; batch halved to {args.unet_batch}", flush=True)
+            continue
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for src, dst in ((unet, ema_unet), (te, ema_te)):
+                torch._foreach_lerp_(list(dst.parameters()), list(src.parameters()), 1 - decay)
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        first = time.time() - t0 if step == 10 else first
+        if step % 200 == 0:
+            print(f"unet step {step} loss {ema_loss:.4f} ({time.time() - t0:.0f}s, {step / (time.time() - t0):.2f} it/s)", flush=True)
+    seconds = time.time() - t0
+    stopped = "steps" if step >= args.unet_steps else "deadline" if time.time() >= args.deadline else "minutes"
+    ema_unet.to(torch.float16).save_pretrained(args.out / "unet")  # shipped in fp16
+    ema_te.to(torch.float16).save_pretrained(args.out / "text_encoder")
+    write_sd1_parts(args.out, tok)
+    count = {n: sum(p.numel() for p in m.parameters()) for n, m in (("unet", unet), ("text_encoder", te), ("vae", vae))}
+    weights = sum(f.stat().st_size for f in args.out.rglob("*.safetensors") if f.parent != args.out)
+    print(f"unet: {step} steps in {seconds:.0f}s, loss {ema_loss:.4f}; weights {weights / 1e6:.1f} MB fp16 {count}", flush=True)
+    return {"unet_steps": step, "unet_seconds": round(seconds), "unet_stopped_by": stopped, "unet_first_10_steps_seconds": first, "unet_batch": args.unet_batch,
+            "unet_lr": args.unet_lr, "unet_init_from": str(src) if src else None, "warmup": args.warmup, "ema": args.ema, "unet_final_loss": ema_loss,
+            "unet_images": len(images), "look_named": args.look_named, "plain_named": args.plain_named,
+            "plain_share": args.plain_share, "parameters": count, "weights_bytes_fp16": weights}
+
+
+# ----------------------------------------------------------------------------- the build
+
+
+def build(args, device, log: dict, log_path: Path) -> None:
+    """`--world looks`: stages vae (VAE, its round trip, the checker), checker (alone, on OUT's VAE), unet, eval, all."""
+    from diffusers import AutoencoderKL
+    from tiny_looks_eval import evaluate, write_card
+
+    def save() -> None:
+        log_path.write_text(json.dumps(log, indent=2) + "\n")
+
+    log["world"], t_all = "looks", time.time()
+    args.deadline = t_all + args.budget_minutes * 60 - args.eval_reserve  # the UNet stops here at the latest
+    with mp.get_context("fork").Pool(args.workers) as pool:
+        if args.stage in ("vae", "unet", "all"):  # one pool of TRAINING_LOOKS renders feeds the VAE and the UNet
+            t0 = time.time()
+            others = [k for k in TRAINING_LOOKS if k != "plain"]  # plain repeated in the cycle to make up its share
+            cycle = ["plain"] * max(1, round(args.plain_share * len(others) / (1 - args.plain_share))) + others
+            named = {k: args.plain_named if k == "plain" else args.look_named for k in cycle}
+            images, captions, _ = collect(render_async(pool, cycle, max(args.vae_images, args.unet_images), args.seed, named=named))
+            log["render_seconds"] = round(time.time() - t0)
+            print(f"rendered {len(images)} images of {len(TRAINING_LOOKS)} training looks in {time.time() - t0:.0f}s", flush=True)
+        if args.stage in ("vae", "checker", "all"):  # rendered while the VAE trains
+            eval_renders = render_async(pool, list(ALL_LOOKS), args.vae_eval_scenes * len(ALL_LOOKS), "vae-eval", per_scene=True)
+            checker_renders = render_async(pool, list(ALL_LOOKS), args.checker_scenes * len(ALL_LOOKS), args.seed + 1,
+                                           single=True, per_scene=True)
+        if args.stage in ("vae", "all"):
+            vae, info = train_vae(args, device, images[: args.vae_images])
+            vae.to(torch.float16).save_pretrained(args.out / "vae")  # shipped in fp16
+            log |= info
+        if args.stage in ("vae", "checker", "unet", "all"):  # measured and used as shipped: the fp16 weights
+            vae = AutoencoderKL.from_pretrained(args.out / "vae").float().to(device).eval()
+        if args.stage in ("vae", "all"):
+            log |= measure_vae(args, device, vae, eval_renders)
+            save()
+        if args.stage in ("vae", "checker", "all"):
+            log |= train_checker(args, device, vae, pool, checker_renders)
+            save()
+        if args.stage in ("unet", "all"):
+            log |= {"unet_previous": log["unet"]} if "unet" in log else {}
+            log["unet"] = train_unet(args, device, vae, images[: args.unet_images], captions[: args.unet_images])
+            save()
+    if args.stage in ("unet", "eval", "all") and not args.no_eval:
+        log |= evaluate(args, device, SIZE)
+    log["build_seconds_this_call"] = round(time.time() - t_all)
+    save()
+    write_card(args.out, log)
+    print(json.dumps(log), flush=True)

@@ -1,0 +1,55 @@
+"""The looks builder (`scripts/build_tiny_base.py --world looks --smoke`, issue 15) runs end to end on a CPU at toy size
+and writes an SD1 folder sdlora loads, whose 4x VAE gives 32x32 latents for 128-px images, with a build log holding the
+VAE's per-look colour numbers and the checker's accuracies, and a checker for every look that load_checker reads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdlora.eval.looks import ALL_LOOKS, HELD_OUT_LOOKS, TRAINING_LOOKS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow  # about a minute and a half on 2 busy cores (the 128-px VAE passes dominate)
+def test_smoke_build_makes_a_loadable_looks_base(tmp_path):
+    out = tmp_path / "looks"
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "build_tiny_base.py"), "--world", "looks", "--smoke",
+                          "--out", str(out)], capture_output=True, text=True, timeout=900,
+                         env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "SDLORA_THREADS": "1", "PATH": "/usr/bin:/bin",
+                              "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    log = json.loads((out / "build_log.json").read_text())
+    assert log["world"] == "looks" and log["unet"]["unet_steps"] == 2 and log["vae_latent_shape"] == [4, 32, 32]
+    assert log["vae_trained_on"] == list(TRAINING_LOOKS)
+    assert abs(log["vae_scaling_factor"] * log["vae_latent_std"] - 1) < 1e-6
+    trip = log["vae_round_trip"]
+    assert list(trip) == list(ALL_LOOKS)  # held-out looks measured too, never trained on
+    assert all(0 <= v["colour_acc"] <= 1 and v["held_out"] == (k in HELD_OUT_LOOKS) for k, v in trip.items())
+    assert trip["sketch"]["line_mae"] is not None and trip["neon"]["line_mae"] is not None
+    assert set(log["checker_per_look"]) == set(ALL_LOOKS) and 0 <= log["checker_colour_acc"] <= 1
+    assert set(log["eval_named_looks"]) == set(TRAINING_LOOKS) and 0 <= log["eval_plain_style"] <= 1
+    assert log["unet"]["weights_bytes_fp16"] <= 40e6  # within the issue's 40 MB in fp16
+    assert "## VAE round trip" in (out / "README.md").read_text()
+
+    from sdlora.eval.checker import CHECKER_PATH, judge, load_checker
+    from sdlora.models.base import load_base
+
+    base = load_base(str(out))
+    assert base.resolution == 128 and base.vae_scale_factor == 4
+    with torch.no_grad():
+        z = base.vae.encode(torch.zeros(1, 3, 128, 128)).latent_dist.mean
+    assert z.shape == (1, 4, 32, 32)
+    checker = load_checker(out / "checker.safetensors")
+    assert checker.style_names == list(ALL_LOOKS) and checker.style.out_features == len(ALL_LOOKS)
+    from PIL import Image
+
+    assert judge(checker, [Image.new("RGB", (128, 128), "red")])["style"].shape == (1, len(ALL_LOOKS))
+    shipped = load_checker(CHECKER_PATH)  # the shipped base's judge: untouched, its four styles by default
+    assert shipped.style_names == ["plain", "sketch", "pastel", "halftone"]
