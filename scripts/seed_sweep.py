@@ -18,20 +18,20 @@ from sdlora.models.base import load_base
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--style", default="pastel")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--strengths", default="0,0.5,1")
     ap.add_argument("--train-args", default="")
-    ap.add_argument("--work", default="output/seed-sweep")
+    ap.add_argument("--work", default=str(ROOT / "output" / "seed-sweep"))
     ap.add_argument("--json", required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     strengths = [float(s) for s in args.strengths.split(",")]
     base, runs = load_base("tiny"), []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        out = ROOT / args.work / f"{args.style}-{seed}"
+        out = Path(args.work) / f"{args.style}-{seed}"
         t = time.perf_counter()
         rc = cli(["train", "--images", str(ROOT / "datasets" / args.style), "--trigger", f"sks {args.style}",
                   "--rank", "4", "--output", str(out), "--overwrite", "--no-progress", "--seed", str(seed),
@@ -45,8 +45,9 @@ def main() -> None:
                 for r in report.rows}
         runs.append({"seed": seed, "train_seconds": round(train_s, 1), "rows": rows})
         print(json.dumps(runs[-1]), flush=True)
-    Path(args.json).write_text(json.dumps({"style": args.style, "train_args": args.train_args,
-                                           "prompts": args.prompts, "runs": runs}, indent=2) + "\n")
+    result = {"style": args.style, "train_args": args.train_args, "prompts": args.prompts, "runs": runs}
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 if __name__ == "__main__":

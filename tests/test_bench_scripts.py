@@ -163,3 +163,14 @@ def test_bench_strength_times_both_paths_and_they_agree(work):
     from sdlora.lora.layer import LoraHost
 
     assert LoraHost.merged_inference is None  # the bench leaves the class default as it found it
+
+
+def test_seed_sweep_trains_and_scores_each_seed(work):
+    sweep = _load("seed_sweep")
+    out = sweep.main(["--style", "pastel", "--seeds", "0,1", "--prompts", "2", "--strengths", "0,1", "--train-args",
+                      "--steps 2 --no-progress", "--work", str(work / "sweep"), "--json", str(work / "sweep.json")])
+    assert [r["seed"] for r in out["runs"]] == [0, 1]
+    for r in out["runs"]:
+        assert set(r["rows"]) == {0.0, 1.0}
+        assert all(0 <= v <= 1 for row in r["rows"].values() for v in row.values())
+    assert (work / "sweep" / "pastel-1" / "lora.safetensors").exists()
