@@ -1,60 +1,111 @@
-"""Measure style LoRAs on the tiny base: train each example style with the default command, then
-`sdlora eval` it at strengths 0/0.5/1 on held-out prompts; also the two-LoRA mix. Writes JSON.
+"""Issue 15's style-learning protocol: for each held-out look, a dataset of 24 captioned images, the README's default
+command (no per-look settings) at several training seeds, and held-out prompts at strengths 0 / 0.25 / 0.5 / 0.75 /
+1, judged by a world checker that knows the look; then two LoRAs of different looks mixed at 1.0 each. Writes JSON
+and a markdown table with each bar's verdict.
 
-    python scripts/eval_styles.py --styles halftone --mix halftone,sketch --prompts 16 --json benchmarks/styles.json
+    python scripts/eval_styles.py --base build/looks --checker build/looks/checker.safetensors --json benchmarks/looks.json
+    python scripts/eval_styles.py --looks pastel,sketch --json benchmarks/tiny-before.json   # the shipped tiny base
 
-`--train-args "--no-text-encoder --steps 600"` adds flags to the default command, to probe other recipes.
+The three example looks train on the shipped datasets/ folders; the others are rendered here (seed 100 + index).
+Bars: style >= 0.8 at 1 and <= 0.2 at 0, rising with strength; colour and shape within 10 points of strength 0;
+0.5 between 0.2 and 0.8 (a dial, not a switch); mixed, each look >= 0.5.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def sh(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "sdlora.cli.main", *args], check=True, cwd=ROOT)
+def dataset(look: str, index: int, work: Path) -> Path:
+    if (ROOT / "datasets" / look).is_dir():
+        return ROOT / "datasets" / look
+    from sdlora.eval.datasets import write_dataset
+
+    out = work / "data" / look
+    if not (out / "023.png").exists():
+        write_dataset(look, 24, 128, 100 + index, out, f"sks {look}")
+    return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--styles", default="halftone,sketch,pastel")
-    ap.add_argument("--mix", default="halftone,sketch")
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--work", default="output/eval-styles")
-    ap.add_argument("--train-args", default="", help="extra flags for `sdlora train` (default: none, the README's command)")
+def verdicts(rows: dict[float, dict]) -> dict[str, bool]:
+    style = [rows[k]["style"] for k in STRENGTHS]
+    return {"style_at_1": style[-1] >= 0.8, "style_at_0": style[0] <= 0.2,
+            "rises": all(a <= b for a, b in zip(style, style[1:])), "dial_at_half": 0.2 <= rows[0.5]["style"] <= 0.8,
+            "colour_kept": rows[1.0]["colour"] >= rows[0.0]["colour"] - 0.10,
+            "shape_kept": rows[1.0]["shape"] >= rows[0.0]["shape"] - 0.10}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from sdlora.cli.main import main as cli
+    from sdlora.eval.evaluate import builtin_prompts, run_eval
+    from sdlora.eval.looks import HELD_OUT_LOOKS
+    from sdlora.lora.specs import LoraSpec
+    from sdlora.models.base import load_base
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="tiny")
+    ap.add_argument("--checker", default=None, help="a checker that knows the looks (default: the shipped one)")
+    ap.add_argument("--looks", default=",".join(HELD_OUT_LOOKS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--mix", default="pastel,sketch", help="two looks mixed at 1.0 each (their seed-0 LoRAs)")
+    ap.add_argument("--train-args", default="", help="extra `sdlora train` flags (default: none, the README's command)")
+    ap.add_argument("--work", default=str(ROOT / "output" / "eval-styles"))
     ap.add_argument("--json", required=True)
-    args = ap.parse_args()
-    work = ROOT / args.work
-    extra = shlex.split(args.train_args)
-    results = {"python": platform.python_version(), "machine": platform.machine(), "prompts": args.prompts,
-               "train_args": args.train_args, "runs": []}
-    styles = sorted(set(args.styles.split(",")) | set(filter(None, args.mix.split(","))))
-    for style in styles:
-        t = time.perf_counter()
-        # the README's default command (tiny base, its recommended defaults)
-        sh("train", "--images", f"datasets/{style}", "--trigger", f"sks {style}", "--rank", "4",
-           "--output", str(work / style), "--overwrite", "--no-progress", *extra)
-        train_s = time.perf_counter() - t
-        if style in args.styles.split(","):
-            sh("eval", "--lora", str(work / style / "lora.safetensors"), "--strengths", "0,0.5,1",
-               "--num-prompts", str(args.prompts), "--output", str(work / f"eval-{style}"))
-            report = json.loads((work / f"eval-{style}" / "report.json").read_text())
-            results["runs"].append({"style": style, "train_seconds": round(train_s, 1), "results": report["results"]})
-    if args.mix:
-        mix = args.mix.split(",")
-        sh("eval", *[a for s in mix for a in ("--lora", str(work / s / "lora.safetensors"))], "--strengths", "1",
-           "--num-prompts", str(args.prompts), "--output", str(work / "eval-mix"))
-        report = json.loads((work / "eval-mix" / "report.json").read_text())
-        results["mix"] = {"styles": mix, "results": report["results"]}
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    args = ap.parse_args(argv)
+    work, base = Path(args.work), load_base(args.base)
+    looks, seeds = args.looks.split(","), [int(s) for s in args.seeds.split(",")]
+    runs, loras = [], {}
+    for i, look in enumerate(looks):
+        data = dataset(look, i, work)
+        for seed in seeds:
+            out = work / f"{look}-{seed}"
+            t = time.perf_counter()
+            rc = cli(["train", "--images", str(data), "--trigger", f"sks {look}", "--rank", "4", "--base", args.base,
+                      "--seed", str(seed), "--output", str(out), "--overwrite", "--no-progress", *args.train_args.split()])
+            if rc != 0:
+                raise SystemExit(f"training {look} seed {seed} failed")
+            train_s = time.perf_counter() - t
+            loras[(look, seed)] = out / "lora.safetensors"
+            report, _ = run_eval(base, [LoraSpec(str(loras[(look, seed)]))], builtin_prompts(args.prompts, f"sks {look}"),
+                                 list(STRENGTHS), [look], checker_path=args.checker)
+            rows = {r["strength"]: {"style": round(r["style_scores"][look], 3), "colour": round(r["colour_accuracy"], 3),
+                                    "shape": round(r["shape_accuracy"], 3)} for r in report.rows}
+            runs.append({"look": look, "seed": seed, "train_seconds": round(train_s, 1), "rows": rows,
+                         "bars": verdicts(rows)})
+            print(json.dumps(runs[-1]), flush=True)
+    result: dict = {"base": args.base, "checker": args.checker, "prompts": args.prompts, "train_args": args.train_args,
+                    "runs": runs}
+    mix = [m for m in args.mix.split(",") if m]
+    if len(mix) == 2 and all((m, seeds[0]) in loras for m in mix):
+        report, _ = run_eval(base, [LoraSpec(str(loras[(m, seeds[0])])) for m in mix],
+                             builtin_prompts(args.prompts, ", ".join(f"sks {m}" for m in mix)), [1.0], mix,
+                             checker_path=args.checker)
+        scores = {m: round(report.rows[0]["style_scores"][m], 3) for m in mix}
+        result["mix"] = {"looks": mix, "scores": scores, "both_show": all(v >= 0.5 for v in scores.values())}
+    result["table"] = table(runs)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(result["table"])
+    return result
+
+
+def table(runs: list[dict]) -> str:
+    """One markdown row per (look, seed): style at each strength, colour and shape at 0 -> 1, bars missed."""
+    lines = ["| look | seed | style 0 / .25 / .5 / .75 / 1 | colour 0 -> 1 | shape 0 -> 1 | bars missed |",
+             "|---|---|---|---|---|---|"]
+    for r in runs:
+        rows = r["rows"]
+        style = " / ".join(f"{rows[k]['style']:.2f}" for k in STRENGTHS)
+        missed = ", ".join(k for k, ok in r["bars"].items() if not ok) or "none"
+        lines.append(f"| {r['look']} | {r['seed']} | {style} | {rows[0.0]['colour']:.0%} -> {rows[1.0]['colour']:.0%} | "
+                     f"{rows[0.0]['shape']:.0%} -> {rows[1.0]['shape']:.0%} | {missed} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -174,3 +174,15 @@ def test_seed_sweep_trains_and_scores_each_seed(work):
         assert set(r["rows"]) == {0.0, 1.0}
         assert all(0 <= v <= 1 for row in r["rows"].values() for v in row.values())
     assert (work / "sweep" / "pastel-1" / "lora.safetensors").exists()
+
+
+def test_eval_styles_protocol_runs_and_reports_every_bar(work):
+    proto = _load("eval_styles")
+    out = proto.main(["--looks", "pastel,sketch", "--seeds", "0", "--prompts", "2", "--train-args", "--steps 2",
+                      "--work", str(work / "proto"), "--json", str(work / "proto.json")])
+    assert [(r["look"], r["seed"]) for r in out["runs"]] == [("pastel", 0), ("sketch", 0)]
+    for r in out["runs"]:
+        assert set(r["rows"]) == {0.0, 0.25, 0.5, 0.75, 1.0}
+        assert set(r["bars"]) == {"style_at_1", "style_at_0", "rises", "dial_at_half", "colour_kept", "shape_kept"}
+    assert set(out["mix"]["scores"]) == {"pastel", "sketch"}
+    assert out["table"].count("\n") == 3  # header, rule, two rows

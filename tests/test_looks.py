@@ -230,3 +230,20 @@ def test_dataset_writer_draws_any_look_and_world_styles_byte_for_byte(tmp_path):
         files = sorted(p.name for p in (REPO / "datasets" / style).iterdir())
         match, mismatch, errors = filecmp.cmpfiles(REPO / "datasets" / style, tmp_path / style, files, shallow=False)
         assert not mismatch and not errors and len(match) == 49, (style, mismatch, errors)
+
+
+def test_eval_scores_every_look_a_looks_checker_knows(tmp_path):
+    """run_eval reads the style names off the checker it is given (a looks checker: one score per look)."""
+    import torch
+
+    from sdlora.eval.checker import Checker, save_checker
+    from sdlora.eval.evaluate import builtin_prompts, run_eval
+    from sdlora.models.base import load_base
+
+    torch.manual_seed(0)
+    names = ["plain", "neon", "chalk"]
+    save_checker(Checker(width=16, style_names=names), tmp_path / "c.safetensors")
+    report, _ = run_eval(load_base("tiny"), [], builtin_prompts(2, None), [1.0], ["neon"], steps=2,
+                         checker_path=tmp_path / "c.safetensors")
+    scores = report.rows[0]["style_scores"]
+    assert list(scores) == names and all(0 <= v <= 1 for v in scores.values())

@@ -105,14 +105,16 @@ def run_eval(
     progress=None,
     on_step=None,
     map_prompts: Callable[[Callable[[int], Image.Image], int], list[Image.Image]] | None = None,
+    checker_path: str | Path | None = None,
 ) -> tuple[EvalReport, list[list[Image.Image]]]:
     """Images[strength][prompt]; prompt i always uses seed + i so columns differ only by strength.
 
     `progress()` is called after each image, `on_step(i)` after each sampling step (for a bar with time left).
-    `map_prompts(fn, n)` -> [fn(0) ... fn(n-1)]: several processes each render a share of the prompts (Dist.map)."""
+    `map_prompts(fn, n)` -> [fn(0) ... fn(n-1)]: several processes each render a share of the prompts (Dist.map).
+    `checker_path`: another world checker (a looks checker scores every look it was trained on)."""
     from sdlora.eval.checker import judge, load_checker
 
-    checker = load_checker() if use_checker else None
+    checker = (load_checker(Path(checker_path)) if checker_path else load_checker()) if use_checker else None
     mixer = LoraMixer(base)
     names = [mixer.load(s.path, s.strength, s.te_strength, blocks=s.blocks) for s in specs]
     report = EvalReport(strengths, [p.text for p in prompts], styles)
@@ -133,7 +135,7 @@ def run_eval(
         row: dict = {"strength": k, **pixel_stats(images, grid[0] if grid else None)}
         if checker is not None:
             v = judge(checker, images)
-            row["style_scores"] = {s: float(v["style"][:, STYLES.index(s)].mean()) for s in STYLES}
+            row["style_scores"] = {s: float(v["style"][:, j].mean()) for j, s in enumerate(checker.style_names)}
             known = [(i, p) for i, p in enumerate(prompts) if p.colour]
             if known:
                 row["colour_accuracy"] = float(np.mean([v["colour"][i] == p.colour for i, p in known]))
