@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 3 recipe sweep on the lent GPU: each line of RECIPES ("name|style|UNet blocks (empty: all)|extra train flags") runs
-# scripts/eval_styles.py (the README's train command plus the flags, then `sdlora eval` at 0/0.5/1 on PROMPTS
-# held-out prompts), JOBS at a time on the one GPU, in fp32 like the CPU path. Results: OUT_DIR/results.tgz
+# scripts/eval_styles.py (the README's train command plus the flags at seeds $SEEDS (default 0), then held-out
+# prompts at 0/.25/.5/.75/1 judged by $CHECKER (default the shipped one) on $BASE (default tiny)), JOBS at a time on
+# the one GPU, in fp32 like the CPU path. Results: OUT_DIR/results.tgz
 # (<name>.json and each run's log in one file: the device returns at most 8). The blocks field restricts the UNet LoRA
 # to those blocks only with benchmarks/2026-12-02-unet-blocks-probe.patch applied (a probe, not a shipped option).
 # Usage: bash scripts/gpu_style_sweep.sh OUT_DIR RECIPES [PROMPTS] [JOBS]
@@ -11,7 +12,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=2
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
 run() {  # name style blocks flags
-  SDLORA_BLOCKS=$3 python3 scripts/eval_styles.py --styles "$2" --mix "" --prompts "$prompts" --work "/tmp/sweep/$1" \
+  SDLORA_BLOCKS=$3 python3 scripts/eval_styles.py --looks "$2" --mix "" --seeds "${SEEDS:-0}" --base "${BASE:-tiny}" \
+    ${CHECKER:+--checker "$CHECKER"} --prompts "$prompts" --work "/tmp/sweep/$1" \
     --train-args "--precision fp32 --mixed-precision no $4" --json "$out/$1.json" > "/tmp/sweep-$1.log" 2>&1
   echo "$1 exit $? $(date +%T)" >> "$out/status.txt"
 }
