@@ -217,6 +217,17 @@ def test_train_watch_mix_grid_and_files(tmp_path):
 
 @pytest.mark.slow
 def test_stop_is_ctrl_c_and_the_run_resumes(tmp_path):
+    import signal
+
+    # as under `sdlora ui &` from a script: the server, and so its jobs, start with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _stop_and_resume(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_and_resume(tmp_path):
     root = _root(tmp_path, images=4)
     with ui_server(root) as c:
         state = c.post("/api/train", {"images": "datasets/small", "name": "long", "steps": 5000, "save_every": 5,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import types
 import typing
 from dataclasses import MISSING, fields
@@ -12,6 +14,7 @@ from sdlora.cli.launch import add_gpus_argument, relaunched
 from sdlora.training.config import TrainConfig, make_config
 from sdlora.util import check_output_folder
 
+STOP_ON_SIGINT = "SDLORA_STOP_ON_SIGINT"  # set by `sdlora ui` for its jobs: SIGINT stops the run even where it was ignored
 EPILOG_TRAIN = """examples:
   sdlora train --images datasets/sketch --trigger "sks sketch" --rank 4
   sdlora train --config configs/sd15-style.toml --images ./my_style --base ./stable-diffusion-v1-5
@@ -65,6 +68,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_output_folder(cfg.resolved_output())
     if (code := relaunched(args, cfg.device, lambda: check_images(cfg))) is not None:
         return code
+    if os.environ.get(STOP_ON_SIGINT) and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # a job of `sdlora ui` whose server started in the background (`sdlora ui &`: the shell ignores SIGINT in it
+        # and its children): the page's Stop is SIGINT, so take it as Ctrl-C again
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     result = train(cfg)
     if result.interrupted:
         return 130

@@ -73,7 +73,8 @@ class Jobs:
             log_path = self.state_dir / f"{job_id}-{name}.log"
             command = [sys.executable, "-m", "sdlora", "train", *args]
             env = {k: v for k, v in os.environ.items() if not k.startswith("SDLORA_UI_")}  # the token stays here
-            env |= {"PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error"}
+            # SDLORA_STOP_ON_SIGINT (sdlora/cli/train.py): Stop works even when this server ignores SIGINT (`sdlora ui &`)
+            env |= {"PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error", "SDLORA_STOP_ON_SIGINT": "1"}
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         cwd=self.root, env=env, start_new_session=True)
