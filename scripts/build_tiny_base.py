@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tiny_looks_stages as looks  # noqa: E402
-from tiny_build_common import grid, to_pixels, write_sd1_parts  # noqa: E402
+from tiny_build_common import grid, to_pixels, vae_step, write_sd1_parts  # noqa: E402
 
 from sdlora.eval import world  # noqa: E402
 from sdlora.models.tiny import SCHEDULER_CONFIG, TEXT_CONFIG, TOKENIZER_DIR, UNET_CONFIG, VAE_CONFIG  # noqa: E402
@@ -91,17 +91,7 @@ def train_vae(args, device) -> dict:
     t0, step = time.time(), 0
     while step < args.vae_steps and (time.time() - t0) < args.vae_minutes * 60:
         idx = torch.randint(0, len(images), (args.vae_batch,), generator=g).numpy()
-        x = to_pixels(images[idx], device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            dist = vae.encode(x).latent_dist
-            z = dist.sample()
-            rec = vae.decode(z).sample.float()
-        kl = dist.kl().mean() / x[0].numel()
-        loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + args.vae_kl * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        loss = vae_step(vae, opt, to_pixels(images[idx], device), args.vae_kl, device)
         step += 1
         if step % 200 == 0:
             print(f"vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
-from tiny_build_common import to_pixels, write_sd1_parts
+from tiny_build_common import to_pixels, vae_step, write_sd1_parts
 
 from sdlora.eval import world
 from sdlora.eval.looks import ALL_LOOKS, HELD_OUT_LOOKS, TRAINING_LOOKS, hue_name, look_caption, render_look
@@ -120,15 +120,7 @@ def train_vae(args, device, images: np.ndarray) -> tuple[object, dict]:
     while step < args.vae_steps and (time.time() - t0) < args.vae_minutes * 60:
         idx = torch.randint(0, len(images), (args.vae_batch,), generator=g).to(device)
         x = held[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            dist = vae.encode(x).latent_dist
-            rec = vae.decode(dist.sample()).sample.float()
-        kl = dist.kl().mean() / x[0].numel()
-        loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + args.vae_kl * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        loss = vae_step(vae, opt, x, args.vae_kl, device)
         step += 1
         if step % 500 == 0:
             print(f"vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
