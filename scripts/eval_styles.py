@@ -43,7 +43,7 @@ def verdicts(rows: dict[float, dict]) -> dict[str, bool]:
 
 def main(argv: list[str] | None = None) -> dict:
     from sdlora.cli.main import main as cli
-    from sdlora.eval.evaluate import builtin_prompts, run_eval
+    from sdlora.eval.evaluate import builtin_prompts, grid_image, run_eval
     from sdlora.eval.looks import HELD_OUT_LOOKS
     from sdlora.lora.specs import LoraSpec
     from sdlora.models.base import load_base
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--train-args", default="", help="extra `sdlora train` flags (default: none, the README's command)")
     ap.add_argument("--work", default=str(ROOT / "output" / "eval-styles"))
     ap.add_argument("--json", required=True)
+    ap.add_argument("--grids", default=None, help="a folder for each look's seed-0 grid (8 prompts x the strengths)")
     args = ap.parse_args(argv)
     work, base = Path(args.work), load_base(args.base)
     looks, seeds = args.looks.split(","), [int(s) for s in args.seeds.split(",")]
@@ -73,8 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
                 raise SystemExit(f"training {look} seed {seed} failed")
             train_s = time.perf_counter() - t
             loras[(look, seed)] = out / "lora.safetensors"
-            report, _ = run_eval(base, [LoraSpec(str(loras[(look, seed)]))], builtin_prompts(args.prompts, f"sks {look}"),
-                                 list(STRENGTHS), [look], checker_path=args.checker)
+            prompts = builtin_prompts(args.prompts, f"sks {look}")
+            report, grid = run_eval(base, [LoraSpec(str(loras[(look, seed)]))], prompts, list(STRENGTHS), [look],
+                                    checker_path=args.checker)
+            if args.grids and seed == seeds[0]:
+                Path(args.grids).mkdir(parents=True, exist_ok=True)
+                grid_image(grid, list(STRENGTHS), [p.text for p in prompts]).save(Path(args.grids) / f"{look}.png")
             rows = {r["strength"]: {"style": round(r["style_scores"][look], 3), "colour": round(r["colour_accuracy"], 3),
                                     "shape": round(r["shape_accuracy"], 3)} for r in report.rows}
             runs.append({"look": look, "seed": seed, "train_seconds": round(train_s, 1), "rows": rows,

@@ -9,6 +9,10 @@
 # VAE 11.2), the old tiny VAE's 20.6 it/s and UNet's 2.5-4.5 it/s on H100/H200, and 14 ms a render per core spread
 # over 15 workers: renders ~45 s, VAE 2 min (~1,500-2,400 steps at batch 128), checker ~1 min, UNet what the budget
 # leaves (~3.5-4 min: ~450-700 steps at batch 1024), eval ~30 s. build_log.json records what really ran.
+# Measured 2026-12-03 (H200): renders 66-76 s, VAE 121 s, checker 28 s, UNet 2.0 it/s at batch 1024 (3.5 it/s at 512,
+# channels_last): the UNet gets ~3 of the call's 8 minutes. A further call continues it on the same renders (the base
+# carried back in: the tree is 64 MiB at most, so leave sdlora/assets/tiny*-base out of the index for that call):
+#   LOOKS_ARGS="--stage unet --init-from /tmp/looks-base --unet-batch 512 --unet-channels-last" (after copying it to /tmp/looks-base)
 # (issue 16's SDXL parts take minutes each: sdxl-steps and sdxl-cli are meant for separate device calls, the second
 # reading the first one's bench-train-sdxl.json from SDXL_BARE_JSON, a path in the working tree)
 # Env: TRAIN_VARIANTS (bench_train --variants), GEN_MODES, GEN_TARGETS, GEN_REPEATS, GEN_INTERLEAVE (bench_generate).
@@ -40,7 +44,7 @@ for what in "$@"; do
     generate) python3 scripts/bench_generate.py --work /tmp/bench --modes "${GEN_MODES:-graph,eager}" \
                 --targets "${GEN_TARGETS:-cross-attn,all-linear}" --repeats "${GEN_REPEATS:-5}" --interleave "${GEN_INTERLEAVE:-0}" --json "$out/bench-generate.json" > "$out/bench-generate.log" 2>&1 ;;
     looks-build) PYTHONUNBUFFERED=1 python3 scripts/build_tiny_base.py --world looks --out /tmp/looks-base \
-                   --vae-minutes "${LOOKS_VAE_MINUTES:-2}" --unet-minutes "${LOOKS_UNET_MINUTES:-5}" \
+                   --vae-minutes "${LOOKS_VAE_MINUTES:-2}" --unet-minutes "${LOOKS_UNET_MINUTES:-60}" \
                    --budget-minutes "${LOOKS_BUDGET_MINUTES:-8.4}" ${LOOKS_ARGS:-} > "$out/looks-build.log" 2>&1
                  rc=$?; cp /tmp/looks-base/build_log.json "$out/" 2>/dev/null
                  tar -C /tmp -cz looks-base | split -b 15M -d - "$out/looks-base.tgz.part-"; (exit $rc) ;;

@@ -49,6 +49,7 @@ def add_args(ap) -> None:
     ap.add_argument("--eval-look-prompts", type=int, default=16, help="looks: prompts per training look named")
     ap.add_argument("--checker-width", type=int, default=64, help="looks: the checker's first width (the shipped: 48)")
     ap.add_argument("--mixes-per-scene", type=int, default=2, help="looks: two-look composites per checker scene")
+    ap.add_argument("--unet-channels-last", action="store_true", help="looks: the UNet in channels_last (NHWC) memory")
     ap.add_argument("--budget-minutes", type=float, default=1e6, help="looks: the UNet stops so the call ends in this")
     ap.add_argument("--eval-reserve", type=float, default=60.0, help="looks: seconds of the budget kept for saving + eval")
 
@@ -283,6 +284,8 @@ def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> di
     src = args.init_from  # --init-from: continue an earlier run's EMA weights (a second call) instead of from scratch
     unet = (UNet2DConditionModel.from_pretrained(src / "unet") if src else UNet2DConditionModel(**LOOKS_UNET_CONFIG)).float().to(device)
     te = (CLIPTextModel.from_pretrained(src / "text_encoder") if src else CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))).float().to(device)
+    fmt = torch.channels_last if args.unet_channels_last else torch.contiguous_format  # cuDNN's bf16 convs want NHWC
+    unet = unet.to(memory_format=fmt)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
     sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     sched.alphas_cumprod = sched.alphas_cumprod.to(device)
@@ -303,7 +306,7 @@ def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> di
         tokens = torch.where(drop[:, None], empty, ids[idx])
         try:  # batch 1024 needs ~55 GB of saved activations (counted on a CPU); halve it once if the GPU has less
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                pred = unet(sched.add_noise(lat, noise, t), t, te(tokens)[0]).sample
+                pred = unet(sched.add_noise(lat, noise, t).contiguous(memory_format=fmt), t, te(tokens)[0]).sample
             loss = F.mse_loss(pred.float(), noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -329,14 +332,15 @@ def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> di
             print(f"unet step {step} loss {ema_loss:.4f} ({time.time() - t0:.0f}s, {step / (time.time() - t0):.2f} it/s)", flush=True)
     seconds = time.time() - t0
     stopped = "steps" if step >= args.unet_steps else "deadline" if time.time() >= args.deadline else "minutes"
-    ema_unet.to(torch.float16).save_pretrained(args.out / "unet")  # shipped in fp16
+    ema_unet.to(torch.float16, memory_format=torch.contiguous_format).save_pretrained(args.out / "unet")  # shipped in fp16
     ema_te.to(torch.float16).save_pretrained(args.out / "text_encoder")
     write_sd1_parts(args.out, tok)
     count = {n: sum(p.numel() for p in m.parameters()) for n, m in (("unet", unet), ("text_encoder", te), ("vae", vae))}
     weights = sum(f.stat().st_size for f in args.out.rglob("*.safetensors") if f.parent != args.out)
     print(f"unet: {step} steps in {seconds:.0f}s, loss {ema_loss:.4f}; weights {weights / 1e6:.1f} MB fp16 {count}", flush=True)
     return {"unet_steps": step, "unet_seconds": round(seconds), "unet_stopped_by": stopped, "unet_first_10_steps_seconds": first, "unet_batch": args.unet_batch,
-            "unet_lr": args.unet_lr, "unet_init_from": str(src) if src else None, "warmup": args.warmup, "ema": args.ema, "unet_final_loss": ema_loss,
+            "unet_channels_last": args.unet_channels_last,
+            "unet_lr": args.unet_lr, "unet_init_from": str(args.init_from) if args.init_from else None, "warmup": args.warmup, "ema": args.ema, "unet_final_loss": ema_loss,
             "unet_images": len(images), "look_named": args.look_named, "plain_named": args.plain_named,
             "plain_share": args.plain_share, "parameters": count, "weights_bytes_fp16": weights}
 

@@ -298,9 +298,18 @@ def refresh_merged(hosts: list[LoraHost]) -> None:
     stack, one baddbmm over every adapter's (rescaled) factors and one foreach copy, instead of ~17 launches and
     several module walks per layer. On SDXL (~1,000 layers) that is what a strength change costs; the copies are
     written in place, so captured CUDA graphs stay valid."""
-    for part, weights, merged, names, ups, downs, scales, dtype, device in _refresh_plan(hosts):
-        coef = torch.tensor([[h.strengths[n] * sc for n, sc in zip(names, row)] for h, row in zip(part, scales)])
-        coef = coef.to(device)
+    plan = _refresh_plan(hosts)
+    # every chunk's coefficients in one host-to-device copy: a copy per chunk would make the host wait for the GPU
+    # once per chunk (a pageable copy synchronises), serialising Python and the kernels
+    flat = [h.strengths[n] * sc for part, _, _, names, _, _, scales, _, _ in plan
+            for h, row in zip(part, scales) for n, sc in zip(names, row)]
+    host = torch.tensor(flat, dtype=torch.float32)
+    on = {dev: host.to(dev) for dev in {entry[8] for entry in plan}}
+    start = 0
+    for part, weights, merged, names, ups, downs, _scales, dtype, device in plan:
+        count = len(part) * len(names)
+        coef = on[device][start : start + count].view(len(part), len(names))
+        start += count
         scaled = torch.cat([u * coef[:, j].view(-1, 1, 1) for j, u in enumerate(ups)], dim=2)
         acc = torch.baddbmm(torch.stack(weights).float(), scaled, downs)
         torch._foreach_copy_(merged, list(acc.to(dtype).unbind(0)))
