@@ -15,7 +15,7 @@ from sdlora.eval.evaluate import builtin_prompts, run_eval
 from sdlora.eval.world import STYLES, caption, eval_scenes
 from sdlora.lora.specs import LoraSpec
 from sdlora.models.base import load_base
-from sdlora.sample.generate import generate_images
+from sdlora.sample.generate import GenerateOptions, generate
 
 from .conftest import REPO
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def test_tiny_base_draws_the_prompted_colour_and_shape():
     base, checker = load_base("tiny"), load_checker()
     scenes = eval_scenes(24)  # held out: never seen in the base's training
-    images = [generate_images(base, caption(s), seed=i, steps=20)[0] for i, s in enumerate(scenes)]
+    images = generate(base, GenerateOptions("", seed=0, steps=20, prompts=[caption(s) for s in scenes]))  # seed i each
     v = judge(checker, images)
     colour = np.mean([c == s.shapes[0].colour for c, s in zip(v["colour"], scenes)])
     shape = np.mean([k == s.shapes[0].kind for k, s in zip(v["shape"], scenes)])

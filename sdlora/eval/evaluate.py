@@ -22,7 +22,7 @@ from sdlora.formats.kohya import load_adapter
 from sdlora.lora.mixer import LoraMixer
 from sdlora.lora.specs import LoraSpec
 from sdlora.models.base import BaseModel
-from sdlora.sample.generate import generate_images
+from sdlora.sample.generate import GenerateOptions, generate, generate_images
 
 
 @dataclass
@@ -106,12 +106,14 @@ def run_eval(
     on_step=None,
     map_prompts: Callable[[Callable[[int], Image.Image], int], list[Image.Image]] | None = None,
     checker_path: str | Path | None = None,
+    batch: int = 8,
 ) -> tuple[EvalReport, list[list[Image.Image]]]:
     """Images[strength][prompt]; prompt i always uses seed + i so columns differ only by strength.
 
     `progress()` is called after each image, `on_step(i)` after each sampling step (for a bar with time left).
     `map_prompts(fn, n)` -> [fn(0) ... fn(n-1)]: several processes each render a share of the prompts (Dist.map).
-    `checker_path`: another world checker (a looks checker scores every look it was trained on)."""
+    `checker_path`: another world checker (a looks checker scores every look it was trained on).
+    `batch`: prompts per sampling call (each keeps its own seed's noise; batch 1 is the one-image-at-a-time path)."""
     from sdlora.eval.checker import judge, load_checker
 
     checker = (load_checker(Path(checker_path)) if checker_path else load_checker()) if use_checker else None
@@ -131,7 +133,17 @@ def run_eval(
                 progress()
             return image
 
-        images = (map_prompts or _map_here)(render, len(prompts))
+        if map_prompts:
+            images = map_prompts(render, len(prompts))
+        else:  # several prompts per UNet call: the same noise (seed + i), a few times faster on a CPU
+            images = []
+            for i in range(0, len(prompts), batch):
+                chunk = [p.text for p in prompts[i : i + batch]]
+                images += generate(base, GenerateOptions(chunk[0], seed=seed + i, steps=steps, guidance=guidance,
+                                                         prompts=chunk), on_step)
+                for _ in chunk:
+                    if progress:
+                        progress()
         row: dict = {"strength": k, **pixel_stats(images, grid[0] if grid else None)}
         if checker is not None:
             v = judge(checker, images)
@@ -147,10 +159,6 @@ def run_eval(
     for name in names:
         mixer.remove(name)
     return report, grid
-
-
-def _map_here(fn: Callable[[int], Image.Image], n: int) -> list[Image.Image]:
-    return [fn(i) for i in range(n)]
 
 
 def grid_image(grid: list[list[Image.Image]], strengths: list[float], prompts: list[str], max_rows: int = 8) -> Image.Image:

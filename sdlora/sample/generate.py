@@ -30,6 +30,7 @@ class GenerateOptions:
     num_images: int = 1
     scheduler: str | None = None
     cuda_graph: bool = True
+    prompts: list[str] | None = None  # one image per entry instead (batched evals); image i uses seed + i still
 
 
 def generate_images(base: BaseModel, prompt: str, negative: str = "", seed: int = 0, steps: int = 20,
@@ -57,12 +58,12 @@ def generate(base: BaseModel, opts: GenerateOptions, on_step: Callable[[int], No
     width, height = opts.width or size, opts.height or size
     if width % 8 or height % 8:
         raise SdloraError("--width and --height must be multiples of 8")
-    n = opts.num_images
+    prompts = list(opts.prompts) if opts.prompts else [opts.prompt] * opts.num_images
+    n, negatives = len(prompts), [opts.negative] * len(prompts)
     pipe = base.pipeline(opts.scheduler)
     channels, f = base.unet.config.in_channels, base.vae_scale_factor
     generators = [torch.Generator("cpu").manual_seed(opts.seed + i) for i in range(n)]
     latents = torch.stack([torch.randn((channels, height // f, width // f), generator=g) for g in generators])
-    prompts, negatives = [opts.prompt] * n, [opts.negative] * n
     text = long_prompt_embeds(base, prompts, negatives) or base.family.prompt_kwargs(base, prompts, negatives)
 
     def check_step(_pipe, i: int, _t, tensors: dict) -> dict:
