@@ -82,7 +82,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"image {done + 1}/{n_images}", refresh=False)
 
     report, grid = run_eval(base, specs, prompts, strengths, styles, args.steps, args.guidance, args.seed, use_checker,
-                            image_done, on_step=lambda _i: bar.update(1), map_prompts=proc.map)
+                            image_done, on_step=lambda _i: bar.update(1),
+                            map_prompts=proc.map if proc.world_size > 1 else None)  # one process: batched prompts
     bar.close()
     if not proc.is_main:
         return 0

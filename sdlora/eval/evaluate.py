@@ -139,8 +139,9 @@ def run_eval(
             images = []
             for i in range(0, len(prompts), batch):
                 chunk = [p.text for p in prompts[i : i + batch]]
+                per_image = (lambda j, k=len(chunk): [on_step(j) for _ in range(k)]) if on_step else None  # bars count image-steps
                 images += generate(base, GenerateOptions(chunk[0], seed=seed + i, steps=steps, guidance=guidance,
-                                                         prompts=chunk), on_step)
+                                                         prompts=chunk), per_image)
                 for _ in chunk:
                     if progress:
                         progress()
