@@ -193,8 +193,13 @@ def choose_cpu_threads(cores: int | None = None, busy: float | None = None) -> i
     on it waits for the scheduler and the others wait for it, so a 2-core machine beside a busy load runs many
     times slower with 2 threads than with 1 (BENCHMARKS.md, "CPU threads"), while 1 thread on an idle 2-core
     machine loses little. So only cores that are idle now count; when that cannot be read, the load average.
+    On 2 cores or fewer, 1 thread: a second one bought nothing for the tiny bases even idle (4.44 vs 4.34 it/s on
+    a quiet host), and on a 2-core VM its barrier made the README's quick start 3x slower (1.25 vs 4.27 it/s,
+    BENCHMARKS.md 2026-12-03).
     """
     cores = cpu_count() if cores is None else cores
+    if cores <= 2:
+        return 1
     if busy is None:
         busy = busy_cores()
     if busy is None:
@@ -226,7 +231,7 @@ def configure_cpu_threads(environ: dict[str, str] | None = None, announce: Calla
     else:
         cores, busy = cpu_count(), busy_cores()
         n = choose_cpu_threads(cores, busy)
-        if n < cores and announce:
+        if n < choose_cpu_threads(cores, 0.0) and announce:  # fewer than this machine would use idle
             announce(f"other programs keep {busy or 0:.1f} of {cores} CPU cores busy: using {n} CPU thread"
                      f"{'s' if n > 1 else ''} (set {THREADS_ENV}=N to choose)")
     import torch

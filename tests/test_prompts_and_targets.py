@@ -183,9 +183,10 @@ def test_inspect_reads_sd1_from_lycoris_widths(capsys, tmp_path, kind, keys):
 
 
 def test_thread_choice_leaves_busy_cores_alone():
-    assert choose_cpu_threads(cores=2, busy=0.1) == 2
-    assert choose_cpu_threads(cores=2, busy=0.9) == 1
-    assert choose_cpu_threads(cores=2, busy=2.0) == 1  # never 0
+    assert choose_cpu_threads(cores=2, busy=0.1) == 1  # 2 cores: one thread, idle or not (see its docstring)
+    assert choose_cpu_threads(cores=4, busy=0.1) == 4
+    assert choose_cpu_threads(cores=4, busy=0.9) == 3
+    assert choose_cpu_threads(cores=4, busy=5.0) == 1  # never 0
     assert choose_cpu_threads(cores=8, busy=2.3) == 6
     assert choose_cpu_threads(cores=4, busy=9.0) == 1
 
@@ -199,6 +200,7 @@ def test_thread_setting_respects_the_users_choice(monkeypatch):
         assert configure_cpu_threads({"OMP_NUM_THREADS": "3"}) is None  # the user's OpenMP setting is left alone
         said = []
         monkeypatch.setattr("sdlora.util.busy_cores", lambda window=0.2: 64.0)
+        monkeypatch.setattr("sdlora.util.cpu_count", lambda: 8)  # on 2 cores it is 1 thread, busy or not
         assert configure_cpu_threads({}, said.append) == 1 and "using 1 CPU thread" in said[0]
         with pytest.raises(Exception, match="SDLORA_THREADS must be a whole number"):
             configure_cpu_threads({"SDLORA_THREADS": "many"})
