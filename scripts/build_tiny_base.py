@@ -136,9 +136,14 @@ def _mixes(job: tuple[np.ndarray, int, int]) -> tuple[list[np.ndarray], list[tup
     return out, pairs
 
 
+def held_scenes(n: int) -> int:
+    """How many of the checker's n scenes are held out for its accuracy report: 200, fewer at --smoke sizes."""
+    return min(200, n // 4)
+
+
 def checker_data(args, vae, device) -> dict[str, torch.Tensor]:
     """VAE-passed renders of single-object scenes in every style plus two-style composites, with labels.
-    The first 200 scenes (a quarter of them at --smoke sizes) are held out for the accuracy report."""
+    The first held_scenes(n) scenes are held out for the accuracy report."""
     from sdlora.eval.checker import COLOUR_NAMES, INPUT, SHAPE_NAMES
 
     styles = list(world.STYLES)
@@ -167,7 +172,7 @@ def checker_data(args, vae, device) -> dict[str, torch.Tensor]:
     scene = torch.cat([torch.arange(len(labels)) // len(styles), torch.tensor([i for i, (m, _) in enumerate(mixed) for _ in m])])
     x = F.interpolate(to_pixels(np.concatenate(images), device), size=(INPUT, INPUT), mode="bilinear", antialias=True)
     return {"x": x, "colour": torch.tensor(colour, device=device), "shape": torch.tensor(shape, device=device),
-            "style": torch.cat([style, multi]).to(device), "held_out": (scene < min(200, n // 4)).to(device)}
+            "style": torch.cat([style, multi]).to(device), "held_out": (scene < held_scenes(n)).to(device)}
 
 
 def train_checker(args, vae, device) -> dict:
@@ -220,7 +225,7 @@ def train_checker(args, vae, device) -> dict:
     acc |= {"checker_steps": args.checker_steps, "checker_scenes": args.checker_scenes, "checker_seconds": round(time.time() - t0),
             "checker_init": str(args.checker_init) if args.checker_init else None}
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(args.out / "checker.safetensors"))
-    print(f"checker on {len(val_idx)} held-out VAE-passed images ({min(200, args.checker_scenes // 4)} scenes): {acc}", flush=True)
+    print(f"checker on {len(val_idx)} held-out VAE-passed images ({held_scenes(args.checker_scenes)} scenes): {acc}", flush=True)
     return acc
 
 

@@ -229,9 +229,11 @@ def configure_cpu_threads(environ: dict[str, str] | None = None, announce: Calla
     elif env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS"):
         return None
     else:
-        cores, busy = cpu_count(), busy_cores()
-        n = choose_cpu_threads(cores, busy)
-        if n < choose_cpu_threads(cores, 0.0) and announce:  # fewer than this machine would use idle
+        cores = cpu_count()
+        most = choose_cpu_threads(cores, 0.0)  # what this machine uses idle
+        busy = busy_cores() if most > 1 else None  # 0.2 s of /proc/stat, only where it can change the answer
+        n = choose_cpu_threads(cores, busy) if most > 1 else 1
+        if n < most and announce:
             announce(f"other programs keep {busy or 0:.1f} of {cores} CPU cores busy: using {n} CPU thread"
                      f"{'s' if n > 1 else ''} (set {THREADS_ENV}=N to choose)")
     import torch
