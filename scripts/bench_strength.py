@@ -1,6 +1,7 @@
 """How long a strength change takes on a base with merged inference weights (the GPU default): three LoRAs over
 every layer `--targets all-linear` touches, each host's merged copy recomputed one layer at a time (the old path)
-and in batched kernels per weight shape (refresh_merged, what LoraMixer.set_strength does), in one process.
+and in batched kernels per weight shape (refresh_merged, what LoraMixer.set_strength does), then one LoRA alone
+and all three in one `set_strengths` call (one recompute), in one process.
 
     python scripts/bench_strength.py --base tiny-xl --device cpu --json benchmarks/strength-cpu.json
     python scripts/bench_strength.py --family sdxl --device cuda --json benchmarks/strength-sdxl.json  # random SDXL
@@ -73,10 +74,18 @@ def main(argv: list[str] | None = None) -> dict:
             for n, s in zip(names, (0.6 + 0.01 * k, 0.4, 0.2)):
                 mixer.set_strength(n, s)
 
+        def change_one(k: int) -> None:  # one LoRA's strength (a slider moved)
+            mixer.set_strength(names[0], 0.6 + 0.01 * k)
+
+        def change_together(k: int) -> None:  # all three in one call: one recompute (what the UI and eval do)
+            mixer.set_strengths({n: (s, None) for n, s in zip(names, (0.6 + 0.01 * k, 0.4, 0.2))})
+
         mixer_module.refresh_merged = per_layer
         old_ms = timed(change)
         mixer_module.refresh_merged = refresh_merged
         new_ms = timed(change)
+        one_ms = timed(change_one)
+        together_ms = timed(change_together)
         fresh = [h._merged_weight() for h in hosts]
         worst = max(float((h._merged.float() - f.float()).abs().max()) for h, f in zip(hosts, fresh))
     finally:
@@ -84,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         mixer_module.refresh_merged = refresh_merged
     rows = {"hosts": len(hosts), "loras": len(names), "change_3_strengths_one_layer_at_a_time_ms": round(old_ms, 2),
             "change_3_strengths_batched_ms": round(new_ms, 2), "speedup": round(old_ms / new_ms, 2),
+            "change_1_strength_ms": round(one_ms, 2), "change_3_strengths_in_one_call_ms": round(together_ms, 2),
             "max_abs_diff_vs_per_layer": worst}
     result = {"environment": environment(device, argv), "args": vars(args), "rows": rows}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

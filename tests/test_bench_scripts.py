@@ -159,6 +159,7 @@ def test_bench_strength_times_both_paths_and_they_agree(work):
     r = out["rows"]
     assert r["hosts"] > 100 and r["loras"] == 3  # the UNet's and both text encoders' layers
     assert r["change_3_strengths_one_layer_at_a_time_ms"] > 0 and r["change_3_strengths_batched_ms"] > 0
+    assert r["change_1_strength_ms"] > 0 and r["change_3_strengths_in_one_call_ms"] > 0
     assert r["max_abs_diff_vs_per_layer"] < 1e-5  # the batched refresh writes what each layer alone computes
     from sdlora.lora.layer import LoraHost
 

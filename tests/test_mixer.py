@@ -92,6 +92,31 @@ def test_strength_scales_the_delta_linearly_and_two_loras_add(base, trained_lora
     assert torch.equal(_unet_out(base), y0)
 
 
+@pytest.mark.parametrize("merged", [False, True])
+def test_set_strengths_in_one_call_is_the_same_as_one_at_a_time(merged, base, trained_lora, tmp_path, monkeypatch):
+    """Several LoRAs' strengths in one call (one recompute of the merged weights) give what separate calls give."""
+    from sdlora.lora.layer import LoraHost
+
+    monkeypatch.setattr(LoraHost, "merged_inference", merged)
+    mixer = LoraMixer(base)
+    na = mixer.load(_random_lora(tmp_path / "a.safetensors", trained_lora, 4), 1.0)
+    nb = mixer.load(_random_lora(tmp_path / "b.safetensors", trained_lora, 5), 1.0)
+    try:
+        _unet_out(base)  # builds the inference caches the changes then update in place
+        mixer.set_strength(na, 0.5)
+        mixer.set_strength(nb, -0.7, te_strength=0.2)
+        one_at_a_time = (_unet_out(base), _te_out(base))
+        mixer.set_strengths({na: (1.0, None), nb: (1.0, None)})
+        assert not torch.equal(_unet_out(base), one_at_a_time[0])
+        mixer.set_strengths({na: (0.5, None), nb: (-0.7, 0.2)})
+        torch.testing.assert_close(_unet_out(base), one_at_a_time[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_te_out(base), one_at_a_time[1], rtol=1e-5, atol=1e-5)
+        assert mixer.settings[nb] == (-0.7, 0.2, None)
+    finally:
+        mixer.remove(na)
+        mixer.remove(nb)
+
+
 def test_fuse_matches_unfused_and_unfuse_restores_exact_weights(base, trained_lora, tmp_path):
     mixer = LoraMixer(base)
     na = mixer.load(_random_lora(tmp_path / "a.safetensors", trained_lora, 4), 0.7)

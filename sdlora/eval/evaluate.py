@@ -122,9 +122,8 @@ def run_eval(
     report = EvalReport(strengths, [p.text for p in prompts], styles)
     grid: list[list[Image.Image]] = []
     for k in strengths:
-        for name, s in zip(names, specs):
-            te = s.strength if s.te_strength is None else s.te_strength
-            mixer.set_strength(name, k * s.strength, k * te)
+        mixer.set_strengths({name: (k * s.strength, k * (s.strength if s.te_strength is None else s.te_strength))
+                             for name, s in zip(names, specs)})
 
         def render(i: int) -> Image.Image:
             image = generate_images(base, prompts[i].text, seed=seed + i, steps=steps, guidance=guidance,

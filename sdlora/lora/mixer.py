@@ -112,16 +112,29 @@ class LoraMixer:
         return name
 
     def set_strength(self, name: str, strength: float, te_strength: float | None = None) -> None:
-        check_strengths(name, strength, te_strength)
         """New strengths, in place (CUDA graphs stay valid); the adapter's block vector still applies."""
-        self._apply(name, strength, te_strength, self._settings(name)[2])
+        self.set_strengths({name: (strength, te_strength)})
+
+    def set_strengths(self, changes: dict[str, tuple[float, float | None]]) -> None:
+        """Several adapters' (strength, te_strength) at once: one recompute of the merged weights covers them all, so
+        changing three LoRAs costs what changing one does."""
+        for name, (strength, te_strength) in changes.items():
+            check_strengths(name, strength, te_strength)
+        batch: list = []
+        for name, (strength, te_strength) in changes.items():
+            self._apply(name, strength, te_strength, self._settings(name)[2], batch)
+        _refresh_unique(batch)
 
     def set_blocks(self, name: str, blocks: tuple[float, ...] | None) -> None:
         """A new LoRA Block Weight vector (None: every block at 1) at the adapter's current strengths, in place."""
         strength, te_strength, _ = self._settings(name)
-        self._apply(name, strength, te_strength, blocks)
+        batch: list = []
+        self._apply(name, strength, te_strength, blocks, batch)
+        _refresh_unique(batch)
 
-    def _apply(self, name: str, strength: float, te_strength: float | None, blocks: tuple[float, ...] | None) -> None:
+    def _apply(self, name: str, strength: float, te_strength: float | None, blocks: tuple[float, ...] | None,
+               batch: list) -> None:
+        """Sets the hosts' strengths; merged inference copies to recompute are appended to `batch`."""
         table = self._block_table(blocks)
         te_s = strength if te_strength is None else te_strength
         if any(host.fused for host in self._hosts(name)):
@@ -130,11 +143,9 @@ class LoraMixer:
         if cached is None or cached[0] != blocks:
             cached = (blocks, [block_multiplier(k, table, self._layers_per_block) for k in self._host_keys[name]])
             self._multipliers[name] = cached
-        batch: list = []  # merged inference copies, recomputed together below (a few kernels per weight shape)
         te_hosts = self._te_hosts
         for host, m in zip(self._hosts(name), cached[1]):
             host.set_strength(name, (te_s if id(host) in te_hosts else strength) * m, batch)
-        refresh_merged(batch)
         self.settings[name] = (float(strength), te_strength, blocks)
 
     def _settings(self, name: str) -> tuple[float, float | None, tuple[float, ...] | None]:
@@ -242,3 +253,9 @@ def _check_family(adapter: AdapterFile, base: BaseModel, label: str) -> None:
 def _arch_hint(adapter: AdapterFile) -> str:
     arch, evidence = guess_architecture(adapter)
     return f" (it looks like an {LABELS[arch]} LoRA: {evidence})" if arch in LABELS else ""
+
+
+def _refresh_unique(batch: list) -> None:
+    """refresh_merged over the hosts in `batch`, each once (a host shared by several changed adapters recurs)."""
+    seen: set[int] = set()
+    refresh_merged([h for h in batch if not (id(h) in seen or seen.add(id(h)))])

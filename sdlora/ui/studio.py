@@ -85,7 +85,7 @@ class Studio:
         wanted = {m.path: (m, parse_block_weights(m.lbw) if m.lbw else None) for m in mix}
         for path in [p for p in self.attached if p not in wanted]:
             self.mixer.remove(self.attached.pop(path))
-        loaded = []
+        loaded, changes = [], {}
         for path, (m, blocks) in wanted.items():
             name = self.attached.get(path)
             if name is None:
@@ -97,7 +97,9 @@ class Studio:
             if current != blocks:
                 self.mixer.set_blocks(name, blocks)
             if (strength, te_strength) != (m.strength, m.te_strength):
-                self.mixer.set_strength(name, m.strength, m.te_strength)
+                changes[name] = (m.strength, m.te_strength)
+        if changes:
+            self.mixer.set_strengths(changes)  # one recompute of the merged weights for every changed LoRA
         return loaded
 
     def _applied(self) -> list[dict]:
