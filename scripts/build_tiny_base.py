@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tiny_looks_stages as looks  # noqa: E402
-from tiny_build_common import grid, to_pixels, vae_step, write_sd1_parts  # noqa: E402
+from tiny_build_common import grid, to_pixels, vae_step, world_scene, write_sd1_parts  # noqa: E402
+from tiny_build_common import render_pool as _render_pool  # noqa: E402
 
 from sdlora.eval import world  # noqa: E402
 from sdlora.models.tiny import SCHEDULER_CONFIG, TEXT_CONFIG, TOKENIZER_DIR, UNET_CONFIG, VAE_CONFIG  # noqa: E402
@@ -49,30 +50,9 @@ from sdlora.models.tiny import SCHEDULER_CONFIG, TEXT_CONFIG, TOKENIZER_DIR, UNE
 SIZE = 128
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def _scene(seed: int, index: int, single: bool) -> world.Scene:
-    rng = random.Random(f"{seed}/{index}")
-    while True:
-        scene = world.random_scene(rng)
-        if (not single or len(scene.shapes) == 1) and not world.is_held_out(scene):
-            return scene
-
-
-def _render_one(job: tuple[str, int, int, bool]) -> tuple[np.ndarray, str, tuple]:
-    style, seed, index, single = job
-    scene = _scene(seed, index, single)
-    s = scene.shapes[0]
-    return np.asarray(world.render(style, scene, SIZE)), world.caption(scene), (s.colour, s.kind)
-
-
 def render_pool(styles: list[str], n: int, seed: int, workers: int, single: bool = False) -> tuple[np.ndarray, list, list]:
-    """n renders (styles cycled) as uint8 [n, H, W, 3], their captions and main-object labels."""
-    jobs = [(styles[i % len(styles)], seed, i // len(styles) if single else i, single) for i in range(n)]
-    with mp.get_context("fork").Pool(workers) as pool:
-        out = pool.map(_render_one, jobs, chunksize=64)
-    return np.stack([o[0] for o in out]), [o[1] for o in out], [o[2] for o in out]
+    """n renders at SIZE px (styles cycled) as uint8 [n, H, W, 3], their captions and main-object labels."""
+    return _render_pool(styles, n, seed, workers, SIZE, single)
 
 
 # ----------------------------------------------------------------------------- stage 1: VAE + checker
@@ -122,7 +102,7 @@ def _mixes(job: tuple[np.ndarray, int, int]) -> tuple[list[np.ndarray], list[tup
     from PIL import Image
 
     renders, seed, index = job
-    scene = _scene(seed, index, True)
+    scene = world_scene(seed, index, True)
     ims = {s: Image.fromarray(r) for s, r in zip(world.STYLES, renders)}
     rng = random.Random(f"mix/{seed}/{index}")
     out, pairs = [], []

@@ -5,18 +5,47 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
+import random
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdlora.eval import world
 from sdlora.models.tiny import SCHEDULER_CONFIG
 
 SD1_INDEX = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1", "feature_extractor": [None, None],
              "requires_safety_checker": False, "safety_checker": [None, None], "scheduler": ["diffusers", "DDPMScheduler"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+
+
+def world_scene(seed: int, index: int, single: bool) -> world.Scene:
+    """Scene `index` of a build seeded `seed` (one object only when `single`), never one of the held-out scenes."""
+    rng = random.Random(f"{seed}/{index}")
+    while True:
+        scene = world.random_scene(rng)
+        if (not single or len(scene.shapes) == 1) and not world.is_held_out(scene):
+            return scene
+
+
+def _render_one(job: tuple[str, int, int, bool, int]) -> tuple[np.ndarray, str, tuple]:
+    style, seed, index, single, size = job
+    scene = world_scene(seed, index, single)
+    s = scene.shapes[0]
+    return np.asarray(world.render(style, scene, size)), world.caption(scene), (s.colour, s.kind)
+
+
+def render_pool(styles: list[str], n: int, seed: int, workers: int, size: int, single: bool = False
+                ) -> tuple[np.ndarray, list, list]:
+    """n renders (styles cycled) as uint8 [n, size, size, 3], their captions and main-object labels, in `workers`
+    forked processes."""
+    jobs = [(styles[i % len(styles)], seed, i // len(styles) if single else i, single, size) for i in range(n)]
+    with mp.get_context("fork").Pool(workers) as pool:
+        out = pool.map(_render_one, jobs, chunksize=64)
+    return np.stack([o[0] for o in out]), [o[1] for o in out], [o[2] for o in out]
 
 
 def to_pixels(batch: np.ndarray, device) -> torch.Tensor:
