@@ -68,7 +68,10 @@ def test_default_style_lora_shows_its_style_and_keeps_colour_and_shape(pastel_lo
     # 48 prompts this base's default pastel LoRA reads 0.873/0.813/0.731 at strength 1, loses 0/6/13 colour points
     # and 17/23/0 shape points (BENCHMARKS.md, 2026-12-03; `scripts/seed_sweep.py`), and a run's numerics (thread
     # count) move it by up to ~0.17: the bar holds on some seeds only. The gate asserts what holds on every seed;
-    # the rebuilt base of issue 15 is what must meet the bar.
+    # the rebuilt base of issue 15 is what must meet the bar. On tiny-xl (BENCHMARKS.md, 2026-12-04) the default
+    # pastel SDXL LoRA reads 0.838-0.935 at 1 and 0.001 at 0 on seeds 0/1/2/42 and keeps colour within 8 points,
+    # but loses 31-38 shape points on seeds 0/1/2 and 23 on the default seed 42 that this test trains: there the
+    # shape gate holds on the default seed only.
     assert style[2] >= 0.6 and style[0] <= 0.2, style
     assert style[0] < style[1] < style[2], style  # rises with strength
     assert at[1.0]["colour_accuracy"] >= at[0.0]["colour_accuracy"] - 0.15, (at[0.0], at[1.0])
