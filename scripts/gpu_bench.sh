@@ -19,9 +19,7 @@
 # Needs diffusers on the GPU machine: the wheels in .whl/ are installed into /tmp/site first.
 set -u
 out=$1; shift
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
+. "$(dirname "$0")/gpu_env.sh" "$out"
 for what in "$@"; do
   case $what in
     train) python3 scripts/bench_train.py --work /tmp/bench --variants "${TRAIN_VARIANTS:-all}" --json "$out/bench-train.json" \

@@ -4,9 +4,7 @@
 #   run(command="bash scripts/gpu_compile_cl16.sh $OUT", carry=[".whl"], timeout_s=330)
 set -u
 out=$1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
+. "$(dirname "$0")/gpu_env.sh" "$out"
 timeout 300 python3 scripts/bench_train.py --work /tmp/bench --compile --variants "compile + graph, channels_last on" \
   --batches 16 --lever-batches 16 --cli-steps 0 --json "$out/bench-compile-cl16.json" > "$out/bench-compile-cl16.log" 2>&1
 echo "bench-compile-cl16 exit $?"

@@ -4,10 +4,7 @@
 #   run(command="bash scripts/gpu_issue16b.sh $OUT", carry=[".whl"], timeout_s=600)
 set -u
 out=$1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
-part() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" > "$out/$name.log" 2>&1; echo "$name exit $?" >> "$out/status.txt"; }
+. "$(dirname "$0")/gpu_env.sh" "$out"
 part bench-strength-sdxl 90 python3 scripts/bench_strength.py --family sdxl --device cuda --repeats 7 --work /tmp/bs \
   --json "$out/bench-strength-sdxl.json"
 part bench-compile-sd15 "${COMPILE_LIMIT:-450}" python3 scripts/bench_train.py --work /tmp/bench --compile \

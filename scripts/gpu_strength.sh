@@ -3,9 +3,7 @@
 #   run(command="bash scripts/gpu_strength.sh $OUT", carry=[".whl"], timeout_s=300)
 set -u
 out=$1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
+. "$(dirname "$0")/gpu_env.sh" "$out"
 timeout 200 python3 scripts/bench_strength.py --family sdxl --device cuda --repeats 7 --work /tmp/bs \
   --json "$out/bench-strength-sdxl.json" > "$out/bench-strength-sdxl.log" 2>&1
 echo "bench-strength-sdxl exit $?"

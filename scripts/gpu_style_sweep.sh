@@ -8,9 +8,8 @@
 # Usage: bash scripts/gpu_style_sweep.sh OUT_DIR RECIPES [PROMPTS] [JOBS]
 set -u
 out=$1 recipes=$2 prompts=${3:-48} jobs=${4:-4}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=2
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
+. "$(dirname "$0")/gpu_env.sh" "$out"
+export OMP_NUM_THREADS=2
 run() {  # name style blocks flags
   SDLORA_BLOCKS=$3 python3 scripts/eval_styles.py --looks "$2" --mix "" --seeds "${SEEDS:-0}" --base "${BASE:-tiny}" \
     ${CHECKER:+--checker "$CHECKER"} --prompts "$prompts" --work "/tmp/sweep/$1" \

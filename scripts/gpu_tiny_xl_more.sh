@@ -7,9 +7,7 @@
 # (the tree sent is 64 MiB at most: leave sdlora/assets/tiny-base out of the index for the call; it is not read)
 set -u
 out=$1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
+. "$(dirname "$0")/gpu_env.sh" "$out"
 rm -rf /tmp/txl-init /tmp/txl && cp -r sdlora/assets/tiny-xl-base /tmp/txl-init && mkdir -p /tmp/txl
 cp -r /tmp/txl-init/vae /tmp/txl-init/build_log.json /tmp/txl-init/sdlora_defaults.json /tmp/txl/
 timeout "${TXL_LIMIT:-560}" python3 scripts/build_tiny_base.py --family sdxl --stage unet --out /tmp/txl --init-from /tmp/txl-init \
