@@ -297,8 +297,9 @@ def refresh_merged(hosts: list[LoraHost]) -> None:
     """Recompute the merged inference weights W + sum s*dW of many Linear hosts: per chunk of same-shape layers one
     stack, one baddbmm over every adapter's (rescaled) factors and one foreach copy, instead of ~17 launches and
     several module walks per layer. On SDXL (~1,000 layers) that is what a strength change costs; the copies are
-    written in place, so captured CUDA graphs stay valid."""
-    plan = _refresh_plan(hosts)
+    written in place, so captured CUDA graphs stay valid. A host listed twice (shared by several changed adapters)
+    is recomputed once."""
+    plan = _refresh_plan(list(dict.fromkeys(hosts)))
     # every chunk's coefficients in one host-to-device copy: a copy per chunk would make the host wait for the GPU
     # once per chunk (a pageable copy synchronises), serialising Python and the kernels
     flat = [h.strengths[n] * sc for part, _, _, names, _, _, scales, _, _ in plan

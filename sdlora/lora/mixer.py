@@ -123,14 +123,14 @@ class LoraMixer:
         batch: list = []
         for name, (strength, te_strength) in changes.items():
             self._apply(name, strength, te_strength, self._settings(name)[2], batch)
-        _refresh_unique(batch)
+        refresh_merged(batch)
 
     def set_blocks(self, name: str, blocks: tuple[float, ...] | None) -> None:
         """A new LoRA Block Weight vector (None: every block at 1) at the adapter's current strengths, in place."""
         strength, te_strength, _ = self._settings(name)
         batch: list = []
         self._apply(name, strength, te_strength, blocks, batch)
-        _refresh_unique(batch)
+        refresh_merged(batch)
 
     def _apply(self, name: str, strength: float, te_strength: float | None, blocks: tuple[float, ...] | None,
                batch: list) -> None:
@@ -253,9 +253,3 @@ def _check_family(adapter: AdapterFile, base: BaseModel, label: str) -> None:
 def _arch_hint(adapter: AdapterFile) -> str:
     arch, evidence = guess_architecture(adapter)
     return f" (it looks like an {LABELS[arch]} LoRA: {evidence})" if arch in LABELS else ""
-
-
-def _refresh_unique(batch: list) -> None:
-    """refresh_merged over the hosts in `batch`, each once (a host shared by several changed adapters recurs)."""
-    seen: set[int] = set()
-    refresh_merged([h for h in batch if not (id(h) in seen or seen.add(id(h)))])
