@@ -53,6 +53,7 @@ VARIANTS = {
     "graph, channels_last off": {"channels_last": "off"},
     "graph, channels_last on": {"channels_last": "on"},
     "graph + cuDNN attention": {"sdpa_backend": "cudnn"},
+    "graph, cuDNN benchmark off": {"cudnn_benchmark": False},
     "graph + efficient attention": {"sdpa_backend": "efficient"},
     "graph + grad checkpointing": {"gradient_checkpointing": True},
     "graph + grad checkpointing, frozen TE": {"gradient_checkpointing": True, "text_encoder": False},
@@ -60,7 +61,13 @@ VARIANTS = {
     "graph + grad checkpointing, frozen TE, channels_last off": {"gradient_checkpointing": True, "text_encoder": False, "channels_last": "off"},
 }
 COMPILE_VARIANTS = {"compile + graph": {"compile": "on"}, "compile + graph, channels_last off": {"compile": "on", "channels_last": "off"},
-                    "compile + graph, channels_last on": {"compile": "on", "channels_last": "on"}}
+                    "compile + graph, channels_last on": {"compile": "on", "channels_last": "on"},
+                    "compile + graph, cuDNN benchmark off": {"compile": "on", "cudnn_benchmark": False},
+                    "compile blocks + graph": {"compile": "on", "compile_scope": "blocks"},
+                    # "inductor": torch._inductor.config options while the case compiles (levers not in the product)
+                    "compile + graph, 1x1 conv as matmul": {"compile": "on", "inductor": {"conv_1x1_as_mm": True}},
+                    "compile + graph, 1x1 conv as matmul, coordinate descent": {
+                        "compile": "on", "inductor": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True}}}
 
 
 def time_steps(step, device: torch.device, warmup: int, steps: int) -> dict:
@@ -181,7 +188,13 @@ def sdlora_case(base, folder: Path, work: Path, overrides: dict, batch: int, lat
     from sdlora.lora.inject import inject_lora, trainable_parameters
     from sdlora.training.conditioning import Conditioning
     from sdlora.training.config import apply_base_defaults, make_config
-    from sdlora.training.setup import build_train_step, make_optimizer, pick_precisions, use_cuda_graph
+    from sdlora.training.setup import (
+        build_train_step,
+        make_optimizer,
+        pick_precisions,
+        uncompile_blocks,
+        use_cuda_graph,
+    )
     from sdlora.training.step import MicroBatch
 
     cfg = apply_base_defaults(make_config(None, base=str(folder), images=str(work), rank=4, batch_size=batch,
@@ -218,13 +231,19 @@ def sdlora_case(base, folder: Path, work: Path, overrides: dict, batch: int, lat
             te.gradient_checkpointing_disable()
         base.unet.disable_gradient_checkpointing()
         base.unet.to(memory_format=torch.contiguous_format)
+        if cfg.compile == "on":
+            uncompile_blocks(base.unet, list(base.text_encoders.values()))
+            torch._dynamo.reset()  # the next case compiles afresh (inductor's disk cache still serves equal graphs)
 
 
 def bench_sdlora(base, folder: Path, work: Path, name: str, overrides: dict, batch: int, latent: int,
                  device: torch.device, warmup: int, steps: int) -> dict:
     free(device)
     before = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None  # shows what earlier cases left
-    with sdlora_case(base, folder, work, overrides, batch, latent, device, warmup + steps) as (step, mb, cfg, modules):
+    overrides = dict(overrides)
+    inductor = overrides.pop("inductor", {})
+    with (torch._inductor.config.patch(**inductor),
+          sdlora_case(base, folder, work, overrides, batch, latent, device, warmup + steps) as (step, mb, cfg, modules)):
         free(device)
         r = time_steps(lambda: step([mb]), device, warmup, steps)
         graphs = len(step.graphs)

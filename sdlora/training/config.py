@@ -74,6 +74,8 @@ class TrainConfig:
     # speed (GPU; see BENCHMARKS.md for what each one measured)
     cuda_graph: bool = opt(True, "on a GPU, capture the whole training step once as a CUDA graph and replay it (several times faster at batch 1-4; needs --grad-accum 1 and bf16/fp32)")
     compile: str = opt("auto", "torch.compile the UNet (GPU): on, off, or auto = on only when the run is long enough to repay ~150 s of compiling per image shape (about 35k steps at batch 1, 14k at 4, 6k at 16)", choices=["auto", "on", "off"])
+    compile_scope: str = opt("unet", "what --compile compiles: unet (the whole model in one graph) or blocks (each ResNet and transformer block, and the trained text encoder's layers, one graph per block shape shared by blocks alike: a shorter compile)", choices=["unet", "blocks"])
+    cudnn_benchmark: bool = opt(True, "on a GPU, let cuDNN time its convolution algorithms on the first step of each image shape and keep the fastest")
     channels_last: str = opt("auto", "NHWC memory layout for the UNet's convolutions: on, off, or auto (on for GPU batches of up to 4, where it measured faster)", choices=["auto", "on", "off"])
     sdpa_backend: str | None = opt(None, "force a PyTorch attention kernel: flash, cudnn, efficient or math (default: PyTorch's choice)", choices=["flash", "cudnn", "efficient", "math"])
     noise_offset: float | None = opt(None, "noise offset: lets the LoRA shift an image's overall brightness, for very light or dark styles (default 0, or the base's recommendation: 0.3 on tiny)")
