@@ -4,6 +4,8 @@
 # compile: one graph per block shape), and inductor's 1x1-conv-as-matmul — then the two compile scopes again in a
 # second process, where inductor's on-disk cache is warm (the compile time a re-run pays).
 #   run(command="bash scripts/gpu_issue16c.sh $OUT", carry=[".whl"], timeout_s=600)
+# It ran at commit 3e8f136, which had the --cudnn-benchmark and --compile-scope blocks levers; neither bought anything
+# (BENCHMARKS.md, 2026-12-04) and both left the product after it: check out 3e8f136 to run this again.
 set -u
 out=$1
 . "$(dirname "$0")/gpu_env.sh" "$out"

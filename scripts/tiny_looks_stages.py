@@ -50,7 +50,6 @@ def add_args(ap) -> None:
     ap.add_argument("--checker-width", type=int, default=64, help="looks: the checker's first width (the shipped: 48)")
     ap.add_argument("--mixes-per-scene", type=int, default=2, help="looks: two-look composites per checker scene")
     ap.add_argument("--unet-channels-last", action="store_true", help="looks: the UNet in channels_last (NHWC) memory")
-    ap.add_argument("--unet-compile", action="store_true", help="looks: torch.compile the UNet and text encoder's step (GPU)")
     ap.add_argument("--budget-minutes", type=float, default=1e6, help="looks: the UNet stops so the call ends in this")
     ap.add_argument("--eval-reserve", type=float, default=60.0, help="looks: seconds of the budget kept for saving + eval")
 
@@ -288,8 +287,6 @@ def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> di
     fmt = torch.channels_last if args.unet_channels_last else torch.contiguous_format  # cuDNN's bf16 convs want NHWC
     unet = unet.to(memory_format=fmt)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
-    # narrow layers at 32x32 are bound by memory traffic (31 TFLOP/s eager): compiling fuses the norms and elementwise work
-    run_unet, run_te = (torch.compile(unet), torch.compile(te)) if args.unet_compile else (unet, te)
     sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     sched.alphas_cumprod = sched.alphas_cumprod.to(device)
     params = list(unet.parameters()) + list(te.parameters())
@@ -309,7 +306,7 @@ def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> di
         tokens = torch.where(drop[:, None], empty, ids[idx])
         try:  # batch 1024 needs ~55 GB of saved activations (counted on a CPU); halve it once if the GPU has less
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                pred = run_unet(sched.add_noise(lat, noise, t).contiguous(memory_format=fmt), t, run_te(tokens)[0]).sample
+                pred = unet(sched.add_noise(lat, noise, t).contiguous(memory_format=fmt), t, te(tokens)[0]).sample
             loss = F.mse_loss(pred.float(), noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -342,7 +339,7 @@ def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> di
     weights = sum(f.stat().st_size for f in args.out.rglob("*.safetensors") if f.parent != args.out)
     print(f"unet: {step} steps in {seconds:.0f}s, loss {ema_loss:.4f}; weights {weights / 1e6:.1f} MB fp16 {count}", flush=True)
     return {"unet_steps": step, "unet_seconds": round(seconds), "unet_stopped_by": stopped, "unet_first_10_steps_seconds": first, "unet_batch": args.unet_batch,
-            "unet_channels_last": args.unet_channels_last, "unet_compile": args.unet_compile,
+            "unet_channels_last": args.unet_channels_last,
             "unet_lr": args.unet_lr, "unet_init_from": str(args.init_from) if args.init_from else None, "warmup": args.warmup, "ema": args.ema, "unet_final_loss": ema_loss,
             "unet_images": len(images), "look_named": args.look_named, "plain_named": args.plain_named,
             "plain_share": args.plain_share, "parameters": count, "weights_bytes_fp16": weights}

@@ -34,29 +34,3 @@ def test_forced_gpu_attention_kernel_is_a_clear_error_on_the_cpu(tmp_path, style
 
     with pytest.raises(SdloraError, match="--sdpa-backend flash needs a CUDA GPU"):
         train(quick_config(style_dir, tmp_path / "o", steps=1, sdpa_backend="flash"))
-
-
-def test_compiling_blocks_shares_graphs_and_keeps_code_outside_the_step_eager():
-    """--compile-scope blocks compiles each ResNet/transformer block and text-encoder layer in place; validation and
-    samples run under eager_blocks() (nothing compiled there), and the run's end undoes it."""
-    from sdlora.models.base import load_base
-    from sdlora.training.setup import compile_model, compiled_blocks, eager_blocks, uncompile_blocks
-
-    base = load_base("tiny")
-    unet, tes = base.unet, list(base.text_encoders.values())
-    blocks = compiled_blocks(unet, tes)
-    assert {type(m).__name__ for m in blocks} == {"ResnetBlock2D", "Transformer2DModel", "CLIPEncoderLayer"}
-    g = torch.Generator().manual_seed(0)
-    x, c = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
-    t = torch.tensor([500])
-    with torch.no_grad():
-        ref = unet(x, t, c).sample
-        torch._dynamo.reset()
-        assert compile_model(unet, "blocks", tes) is unet  # in place, not a wrapper
-        assert all(m._compiled_call_impl is not None for m in blocks)
-        with eager_blocks():
-            out = unet(x, t, c).sample
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0  # nothing was compiled
-        assert torch.equal(out, ref)
-    uncompile_blocks(unet, tes)
-    assert all(m._compiled_call_impl is None for m in blocks)

@@ -31,14 +31,12 @@ from sdlora.training.logbook import Logbook
 from sdlora.training.outputs import Outputs, RunFacts, prepare_output
 from sdlora.training.setup import (
     build_train_step,
-    eager_blocks,
     make_optimizer,
     pick_device,
     pick_precisions,
     place_unet,
     set_attention,
     te_lr,
-    uncompile_blocks,
     use_cuda_graph,
 )
 from sdlora.training.step import MicroBatch, to_device
@@ -174,8 +172,7 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
             extra = {}
             val_due = bool(val_items) and (step % val_every == 0 or step == total)  # the same on every process
             if val_due and val_cases:  # the main process's
-                with eager_blocks():
-                    vl = validation_loss(val_cases, base.unet, sched, cond, base.family.v_prediction, accelerator.autocast)
+                vl = validation_loss(val_cases, base.unet, sched, cond, base.family.v_prediction, accelerator.autocast)
                 if vl < best_val:
                     best_val = vl
                     outputs.save_adapter(out / f"{cfg.name}-best.safetensors",
@@ -188,8 +185,7 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
                 log.flush()
                 outputs.checkpoint(step, training_state(step))
             if cfg.sample_every and step % cfg.sample_every == 0 and step < total:
-                with eager_blocks():
-                    outputs.samples(step)
+                outputs.samples(step)
             if cfg.interrupt_at_step is not None and step == cfg.interrupt_at_step:
                 stop.simulate()
             if stop.agreed(step):
@@ -206,7 +202,6 @@ def train(cfg: TrainConfig, warn: Callable[[str], None] = _warn, info: Callable[
         stop.close()
         log.close(status)
         cond.close()
-        uncompile_blocks(base.unet, list(base.text_encoders.values()))
 
     _sync(device)
     speed = (step - n0) / (time.perf_counter() - t0) if t0 and step > n0 else None

@@ -109,40 +109,6 @@ def compile_pays(steps: int, batch: int) -> bool:
     return steps * COMPILE_SAVES_MS[nearest] / 1000 > COMPILE_SECONDS
 
 
-def compile_model(unet: torch.nn.Module, scope: str, text_encoders: list[torch.nn.Module]) -> torch.nn.Module:
-    """torch.compile for the training step. "unet": one wrapper around the whole UNet (validation and samples keep
-    the eager one). "blocks": each ResNet/transformer block and text-encoder layer compiled in place, so blocks of
-    one class and shape share a graph; `eager_blocks()` runs code outside the step without compiling more."""
-    torch._dynamo.config.automatic_dynamic_shapes = False  # each bucket shape gets its own static kernels
-    if scope == "unet":
-        return torch.compile(unet)
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one entry per block shape
-    for m in compiled_blocks(unet, text_encoders):
-        m.compile()
-    return unet
-
-
-def compiled_blocks(unet: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> list[torch.nn.Module]:
-    from diffusers.models.resnet import ResnetBlock2D
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
-    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-
-    return ([m for m in unet.modules() if isinstance(m, ResnetBlock2D | Transformer2DModel)]
-            + [m for te in text_encoders for m in te.modules() if isinstance(m, CLIPEncoderLayer)])
-
-
-def uncompile_blocks(unet: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> None:
-    """Undo "blocks" compiling when the run ends (nn.Module.compile has no public inverse), so a base kept in
-    memory by the caller (the UI) generates eagerly afterwards."""
-    for m in compiled_blocks(unet, text_encoders):
-        m._compiled_call_impl = None
-
-
-def eager_blocks():
-    """Run in-place compiled blocks eagerly (validation, samples: other shapes, not worth compiling)."""
-    return torch.compiler.set_stance("force_eager")
-
-
 def build_train_step(base: BaseModel, cfg: TrainConfig, params: list, optimizer, accelerator, mp: str, encode,
                      total_steps: int, info: Callable[[str], None] = _info, grad_sync=None) -> TrainStep:
     """The step `sdlora train` runs; scripts/bench_train.py times this same object. `grad_sync`: several
@@ -157,12 +123,10 @@ def build_train_step(base: BaseModel, cfg: TrainConfig, params: list, optimizer,
     model, device = base.unet, base.unet.device
     if cfg.sdpa_backend not in (None, "math") and device.type != "cuda":
         raise SdloraError(f"--sdpa-backend {cfg.sdpa_backend} needs a CUDA GPU; leave it unset on the CPU")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # shapes are few (buckets): timing each one once pays
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda" and compile_pays(total_steps, cfg.batch_size)):
-        info(f"compiling the UNet{'s blocks' if cfg.compile_scope == 'blocks' else ''} with torch.compile "
-             "(takes a while on the first steps)")
-        model = compile_model(model, cfg.compile_scope, list(base.text_encoders.values()) if cfg.text_encoder else [])
+        info("compiling the UNet with torch.compile (takes a few minutes on the first steps)")
+        torch._dynamo.config.automatic_dynamic_shapes = False  # each bucket shape gets its own static kernels
+        model = torch.compile(model)  # a wrapper: validation and samples keep using the eager UNet
     nhwc = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda" and cfg.batch_size <= CHANNELS_LAST_AUTO_BATCH)
     speed = SpeedOptions(cuda_graph=use_cuda_graph(cfg, device, mp), channels_last=nhwc,
                          autocast=cfg.autocast_bf16_weights, sdpa_backend=cfg.sdpa_backend, log=info)
