@@ -52,14 +52,32 @@ def to_pixels(batch: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def vae_step(vae, opt, x: torch.Tensor, kl_weight: float, device) -> torch.Tensor:
-    """One optimizer step of the VAE on pixels x in [-1, 1]: L1 + 0.5 MSE of the sampled reconstruction plus kl_weight
+def recon_loss(rec: torch.Tensor, x: torch.Tensor, chroma_weight: float = 0.0) -> torch.Tensor:
+    """L1 + 0.5 MSE on RGB; with chroma_weight, the same terms on luma and on rgb - luma (times chroma_weight)
+    instead: hue errors of pale colours are small in RGB (scripts/vae_colour_probe.py measured the effect)."""
+    if not chroma_weight:
+        return F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x)
+    ry, xy = rec.mean(1, keepdim=True), x.mean(1, keepdim=True)
+    return (F.l1_loss(ry, xy) + 0.5 * F.mse_loss(ry, xy)
+            + chroma_weight * (F.l1_loss(rec - ry, x - xy) + 0.5 * F.mse_loss(rec - ry, x - xy)))
+
+
+def jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Generic photometric jitter of pixels in [-1, 1], per image: saturation x U(0.25, 1), then lightened toward
+    white by U(0, 0.5): more low-chroma hues than the training looks draw, without rendering any look."""
+    sat, light = (torch.rand(len(x), 1, 1, 1, generator=g).to(x.device) for _ in range(2))
+    y = x.mean(1, keepdim=True)
+    return (y + (0.25 + 0.75 * sat) * (x - y)) * (1 - 0.5 * light) + 0.5 * light
+
+
+def vae_step(vae, opt, x: torch.Tensor, kl_weight: float, device, chroma_weight: float = 0.0) -> torch.Tensor:
+    """One optimizer step of the VAE on pixels x in [-1, 1]: recon_loss of the sampled reconstruction plus kl_weight
     times the KL per pixel value, bf16 autocast on CUDA, gradients clipped to norm 1. Returns the loss."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         dist = vae.encode(x).latent_dist
         rec = vae.decode(dist.sample()).sample.float()
     kl = dist.kl().mean() / x[0].numel()
-    loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + kl_weight * kl
+    loss = recon_loss(rec, x, chroma_weight) + kl_weight * kl
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

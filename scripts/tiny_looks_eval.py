@@ -115,7 +115,7 @@ draws plain, as the base should before a style LoRA), and 10% were dropped for c
 ## Training ({log.get('device')}, torch {log.get('torch')}, seed {log.get('seed')})
 | stage | steps | batch | lr | time |
 |---|---|---|---|---|
-| VAE (L1 + 0.5 MSE + KL) | {log.get('vae_steps')} | {log.get('vae_batch')} | {log.get('vae_lr')} | {log.get('vae_seconds')} s |
+| VAE (L1 + 0.5 MSE on luma and chroma x {log.get('vae_chroma_weight', 0)}, jitter {log.get('vae_jitter', 0)}, + KL) | {log.get('vae_steps')} | {log.get('vae_batch')} | {log.get('vae_lr')} | {log.get('vae_seconds')} s |
 | checker ({len(ALL_LOOKS)} looks + two-look composites, width {log.get('checker_width')}) | {log.get('checker_steps')} | — | — | {log.get('checker_seconds')} s |
 | UNet + text encoder (EMA {u.get('ema')}, warm-up {u.get('warmup')}) | {u.get('unet_steps')} | {u.get('unet_batch')} | {u.get('unet_lr')} | {u.get('unet_seconds')} s |
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
-from tiny_build_common import to_pixels, vae_step, write_sd1_parts
+from tiny_build_common import jitter, to_pixels, vae_step, write_sd1_parts
 
 from sdlora.eval import world
 from sdlora.eval.looks import ALL_LOOKS, HELD_OUT_LOOKS, TRAINING_LOOKS, hue_name, look_caption, render_look
@@ -50,6 +50,8 @@ def add_args(ap) -> None:
     ap.add_argument("--checker-width", type=int, default=64, help="looks: the checker's first width (the shipped: 48)")
     ap.add_argument("--mixes-per-scene", type=int, default=2, help="looks: two-look composites per checker scene")
     ap.add_argument("--unet-channels-last", action="store_true", help="looks: the UNet in channels_last (NHWC) memory")
+    ap.add_argument("--vae-chroma-weight", type=float, default=4.0, help="looks: VAE loss weight on rgb - luma (0: plain RGB loss)")
+    ap.add_argument("--vae-jitter", type=float, default=0.5, help="looks: share of VAE batches desaturated and lightened")
     ap.add_argument("--budget-minutes", type=float, default=1e6, help="looks: the UNet stops so the call ends in this")
     ap.add_argument("--eval-reserve", type=float, default=60.0, help="looks: seconds of the budget kept for saving + eval")
 
@@ -121,7 +123,10 @@ def train_vae(args, device, images: np.ndarray) -> tuple[object, dict]:
     while step < args.vae_steps and (time.time() - t0) < args.vae_minutes * 60:
         idx = torch.randint(0, len(images), (args.vae_batch,), generator=g).to(device)
         x = held[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        loss = vae_step(vae, opt, x, args.vae_kl, device)
+        if args.vae_jitter:  # more low-chroma hues: the held-out looks' pale fills lost their hue (BENCHMARKS 2026-12-04)
+            pick = (torch.rand(len(x), generator=g) < args.vae_jitter).to(device)
+            x = torch.where(pick[:, None, None, None], jitter(x, g), x)
+        loss = vae_step(vae, opt, x, args.vae_kl, device, args.vae_chroma_weight)
         step += 1
         if step % 500 == 0:
             print(f"vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
@@ -132,7 +137,7 @@ def train_vae(args, device, images: np.ndarray) -> tuple[object, dict]:
     std = float(z.float().std())
     vae.register_to_config(scaling_factor=1.0 / std)
     print(f"vae: {step} steps in {time.time() - t0:.0f}s, latent std {std:.4f}, latents {tuple(z.shape[1:])}", flush=True)
-    return vae, {"vae_steps": step, "vae_seconds": round(time.time() - t0), "vae_batch": args.vae_batch, "vae_lr": args.vae_lr,
+    return vae, {"vae_steps": step, "vae_seconds": round(time.time() - t0), "vae_batch": args.vae_batch, "vae_lr": args.vae_lr, "vae_chroma_weight": args.vae_chroma_weight, "vae_jitter": args.vae_jitter,
                  "vae_images": len(images), "vae_latent_std": std, "vae_scaling_factor": 1.0 / std,
                  "vae_latent_shape": list(z.shape[1:]), "vae_trained_on": list(TRAINING_LOOKS)}
 
