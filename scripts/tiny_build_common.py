@@ -62,12 +62,13 @@ def recon_loss(rec: torch.Tensor, x: torch.Tensor, chroma_weight: float = 0.0) -
             + chroma_weight * (F.l1_loss(rec - ry, x - xy) + 0.5 * F.mse_loss(rec - ry, x - xy)))
 
 
-def jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Generic photometric jitter of pixels in [-1, 1], per image: saturation x U(0.25, 1), then lightened toward
-    white by U(0, 0.5): more low-chroma hues than the training looks draw, without rendering any look."""
+def jitter(x: torch.Tensor, g: torch.Generator, share: float = 1.0) -> torch.Tensor:
+    """Generic photometric jitter of pixels in [-1, 1] on `share` of the images: saturation x U(0.25, 1), then
+    lightened toward white by U(0, 0.5): more low-chroma hues than the training looks draw, without rendering any look."""
+    pick = (torch.rand(len(x), generator=g) < share).to(x.device)
     sat, light = (torch.rand(len(x), 1, 1, 1, generator=g).to(x.device) for _ in range(2))
     y = x.mean(1, keepdim=True)
-    return (y + (0.25 + 0.75 * sat) * (x - y)) * (1 - 0.5 * light) + 0.5 * light
+    return torch.where(pick[:, None, None, None], (y + (0.25 + 0.75 * sat) * (x - y)) * (1 - 0.5 * light) + 0.5 * light, x)
 
 
 def vae_step(vae, opt, x: torch.Tensor, kl_weight: float, device, chroma_weight: float = 0.0) -> torch.Tensor:

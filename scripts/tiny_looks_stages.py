@@ -124,8 +124,7 @@ def train_vae(args, device, images: np.ndarray) -> tuple[object, dict]:
         idx = torch.randint(0, len(images), (args.vae_batch,), generator=g).to(device)
         x = held[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
         if args.vae_jitter:  # more low-chroma hues: the held-out looks' pale fills lost their hue (BENCHMARKS 2026-12-04)
-            pick = (torch.rand(len(x), generator=g) < args.vae_jitter).to(device)
-            x = torch.where(pick[:, None, None, None], jitter(x, g), x)
+            x = jitter(x, g, args.vae_jitter)
         loss = vae_step(vae, opt, x, args.vae_kl, device, args.vae_chroma_weight)
         step += 1
         if step % 500 == 0:

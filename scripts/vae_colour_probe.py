@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import random
 import sys
 import time
@@ -22,28 +23,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_looks_stages as looks  # noqa: E402
-from tiny_build_common import jitter, recon_loss  # noqa: E402
+from tiny_build_common import jitter, vae_step  # noqa: E402
 
-from sdlora.eval.looks import ALL_LOOKS, HELD_OUT_LOOKS, TRAINING_LOOKS, hue_name, render_look  # noqa: E402
-
-
-def renders(n: int, seed: str, look_names) -> np.ndarray:
-    return np.stack([np.asarray(render_look(look_names[i % len(look_names)], looks._scene(seed, i, False), looks.SIZE).convert("RGB"))
-                     for i in range(n)])
+from sdlora.eval.looks import ALL_LOOKS, HELD_OUT_LOOKS, TRAINING_LOOKS  # noqa: E402
 
 
-def colour_accuracy(vae, scenes: int) -> dict:
-    out = {}
-    for look in ALL_LOOKS:
-        right = []
-        for i in range(scenes):
-            scene = looks._scene("vae-eval", i, False)
-            a = np.asarray(render_look(look, scene, looks.SIZE).convert("RGB"))
-            with torch.no_grad():
-                b = looks.round_trip(vae, a[None], "cpu")[0].astype(np.float32) / 255
-            right += [hue_name(b[m]) == s.colour for s, m in zip(scene.shapes, looks._object_masks(scene))]
-        out[look] = float(np.mean(right))
-    return out
+def colour_accuracy(vae, eval_renders, check: argparse.Namespace) -> dict:
+    """Per look, the share of objects whose hue survives the round trip (the builder's measure_vae)."""
+    with torch.no_grad():
+        return {look: r["colour_acc"] for look, r in looks.measure_vae(check, torch.device("cpu"), vae, eval_renders)["vae_round_trip"].items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -64,34 +52,31 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     vae = AutoencoderKL.from_pretrained(args.vae).float()
+    cpu, check = torch.device("cpu"), argparse.Namespace(vae_eval_scenes=args.scenes)
     result: dict = {"args": vars(args), "torch": torch.__version__}
-    t0 = time.time()
-    vae.eval()
-    result["before"] = colour_accuracy(vae, args.scenes)
-    result["check_seconds"] = round(time.time() - t0)
-    data = torch.from_numpy(renders(args.images, f"probe/{args.seed}", TRAINING_LOOKS)).permute(0, 3, 1, 2)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
-    rng, t0, losses = random.Random(args.seed), time.time(), []
-    g = torch.Generator().manual_seed(args.seed)
-    vae.train()
-    for step in range(args.steps):
-        x = data[[rng.randrange(len(data)) for _ in range(args.batch)]].float() / 127.5 - 1.0
-        if args.jitter:
-            pick = torch.rand(len(x), generator=g) < args.jitter
-            x = torch.where(pick[:, None, None, None], jitter(x, g), x)
-        dist = vae.encode(x).latent_dist
-        rec = vae.decode(dist.sample()).sample
-        loss = recon_loss(rec, x, args.chroma_weight if args.loss == "chroma" else 0.0) + 1e-6 * dist.kl().mean() / x[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss))
-        if (step + 1) % 50 == 0:
-            print(f"step {step + 1} loss {np.mean(losses[-50:]):.4f} ({time.time() - t0:.0f}s)", flush=True)
-    result["train_seconds"] = round(time.time() - t0)
-    vae.eval()
-    result["after"] = colour_accuracy(vae, args.scenes)
+    with mp.get_context("fork").Pool(1) as pool:  # the builder's renders: the same scenes, looks and caption-free images
+        eval_renders = looks.render_async(pool, list(ALL_LOOKS), args.scenes * len(ALL_LOOKS), "vae-eval", per_scene=True)
+        train_renders = looks.render_async(pool, TRAINING_LOOKS, args.images, f"probe/{args.seed}")
+        t0 = time.time()
+        vae.eval()
+        result["before"] = colour_accuracy(vae, eval_renders, check)
+        result["check_seconds"] = round(time.time() - t0)
+        data = torch.from_numpy(looks.collect(train_renders)[0]).permute(0, 3, 1, 2)
+        opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+        rng, t0, losses = random.Random(args.seed), time.time(), []
+        g = torch.Generator().manual_seed(args.seed)
+        vae.train()
+        for step in range(args.steps):
+            x = data[[rng.randrange(len(data)) for _ in range(args.batch)]].float() / 127.5 - 1.0
+            if args.jitter:
+                x = jitter(x, g, args.jitter)
+            losses.append(float(vae_step(vae, opt, x, 1e-6, cpu,  # KL weight: the builder's --vae-kl
+                                               args.chroma_weight if args.loss == "chroma" else 0.0)))
+            if (step + 1) % 50 == 0:
+                print(f"step {step + 1} loss {np.mean(losses[-50:]):.4f} ({time.time() - t0:.0f}s)", flush=True)
+        result["train_seconds"] = round(time.time() - t0)
+        vae.eval()
+        result["after"] = colour_accuracy(vae, eval_renders, check)
     for when in ("before", "after"):
         acc = result[when]
         result[f"{when}_min_held_out"] = min(acc[k] for k in HELD_OUT_LOOKS)

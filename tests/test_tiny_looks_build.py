@@ -56,21 +56,23 @@ def test_smoke_build_makes_a_loadable_looks_base(tmp_path):
 
 
 def test_vae_colour_probe_runs_and_reports_every_look(tmp_path):
-    """scripts/vae_colour_probe.py (the CPU probe of a colour-weighted VAE loss) at toy size on a random looks VAE."""
+    """scripts/vae_colour_probe.py (the CPU probe of a colour-weighted VAE loss) at toy size on a random looks VAE,
+    and the loss and jitter it shares with the looks builder (tiny_build_common)."""
     from diffusers import AutoencoderKL
 
     from sdlora.models.tiny import LOOKS_VAE_CONFIG
 
     sys.path.insert(0, str(REPO / "scripts"))
     import vae_colour_probe as probe
+    from tiny_build_common import jitter, recon_loss
 
     torch.manual_seed(0)
     AutoencoderKL(**LOOKS_VAE_CONFIG).save_pretrained(tmp_path / "vae")
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     grey = x.mean(1, keepdim=True).expand_as(x)  # same luma, no chroma: only the chroma term sees the difference
-    assert probe.recon_loss(grey, x, 4.0) > 3 * probe.recon_loss(grey, x, 1.0) > 0
-    assert torch.equal(probe.recon_loss(grey, x), torch.nn.functional.l1_loss(grey, x) + 0.5 * torch.nn.functional.mse_loss(grey, x))
-    j = probe.jitter(x, torch.Generator().manual_seed(0))  # paler, still in range
+    assert recon_loss(grey, x, 4.0) > 3 * recon_loss(grey, x, 1.0) > 0
+    assert torch.equal(recon_loss(grey, x), torch.nn.functional.l1_loss(grey, x) + 0.5 * torch.nn.functional.mse_loss(grey, x))
+    j = jitter(x, torch.Generator().manual_seed(0))  # paler, still in range
     assert -1 <= j.min() and j.max() <= 1 and (j - j.mean(1, keepdim=True)).abs().mean() < (x - grey).abs().mean()
     out = probe.main(["--vae", str(tmp_path / "vae"), "--loss", "chroma", "--jitter", "1", "--steps", "1", "--batch", "1", "--images", "2",
                       "--scenes", "1", "--json", str(tmp_path / "p.json")])
