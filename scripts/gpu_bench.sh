@@ -43,7 +43,7 @@ for what in "$@"; do
                 --targets "${GEN_TARGETS:-cross-attn,all-linear}" --repeats "${GEN_REPEATS:-5}" --interleave "${GEN_INTERLEAVE:-0}" --json "$out/bench-generate.json" > "$out/bench-generate.log" 2>&1 ;;
     looks-build) PYTHONUNBUFFERED=1 python3 scripts/build_tiny_base.py --world looks --out /tmp/looks-base \
                    --vae-minutes "${LOOKS_VAE_MINUTES:-2}" --unet-minutes "${LOOKS_UNET_MINUTES:-60}" \
-                   --budget-minutes "${LOOKS_BUDGET_MINUTES:-8.4}" ${LOOKS_ARGS:-} > "$out/looks-build.log" 2>&1
+                   --budget-minutes "${LOOKS_BUDGET_MINUTES:-8.4}" --render-cache /tmp/looks-renders ${LOOKS_ARGS:-} > "$out/looks-build.log" 2>&1
                  rc=$?; cp /tmp/looks-base/build_log.json "$out/" 2>/dev/null
                  tar -C /tmp -cz looks-base | split -b 15M -d - "$out/looks-base.tgz.part-"; (exit $rc) ;;
   esac

@@ -97,7 +97,7 @@ A Stable Diffusion 1.x-architecture text-to-image model at CPU size, trained fro
 
 ## Architecture (same classes and module names as SD1.5)
 - UNet2DConditionModel: widths {LOOKS_UNET_CONFIG['block_out_channels']}, 2 layers per block, cross-attention dim 64,
-  16 transformer blocks, sample size 32 ({n.get('unet', 0) / 1e6:.1f}M parameters). Epsilon prediction, SD's DDPM schedule.
+  transformer blocks at 16x16 and 8x8 only (none at 32x32, as SDXL has none at its top level), sample size 32 ({n.get('unet', 0) / 1e6:.1f}M parameters). Epsilon prediction, SD's DDPM schedule.
 - AutoencoderKL: 3 levels (4x down), widths {LOOKS_VAE_CONFIG['block_out_channels']}, 4 latent channels
   ({n.get('vae', 0) / 1e6:.1f}M parameters), scaling factor {log.get('vae_scaling_factor', 0):.4f} (1 / latent std).
   128x128 images <-> 32x32x4 latents.

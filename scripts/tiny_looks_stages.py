@@ -34,7 +34,7 @@ from sdlora.models.tiny import LOOKS_UNET_CONFIG, LOOKS_VAE_CONFIG, SCHEDULER_CO
 
 SIZE = 128
 LINE_LOOKS = ("sketch", "neon", "hatching", "crosshatch")  # looks drawn with thin lines: the thin-line check's rows
-DEFAULTS = {"unet_batch": 1024, "unet_lr": 1e-3, "warmup": 100, "ema": 0.998, "unet_images": 60000, "vae_images": 60000,
+DEFAULTS = {"unet_batch": 512, "unet_lr": 8e-4, "warmup": 200, "ema": 0.998, "unet_images": 60000, "vae_images": 60000,
             "vae_batch": 128, "vae_lr": 5e-4, "checker_scenes": 1500, "checker_steps": 3000, "checker_lr": 2e-3}  # over plain's
 SMOKE = {"unet_images": 2 * len(TRAINING_LOOKS), "unet_steps": 2, "unet_batch": 2, "vae_steps": 2, "vae_batch": 2,
          "checker_scenes": 2, "checker_steps": 2, "checker_batch": 8, "eval_prompts": 2, "eval_steps": 2, "warmup": 1,
@@ -52,6 +52,7 @@ def add_args(ap) -> None:
     ap.add_argument("--unet-channels-last", action="store_true", help="looks: the UNet in channels_last (NHWC) memory")
     ap.add_argument("--vae-chroma-weight", type=float, default=4.0, help="looks: VAE loss weight on rgb - luma (0: plain RGB loss)")
     ap.add_argument("--vae-jitter", type=float, default=0.5, help="looks: share of VAE batches desaturated and lightened")
+    ap.add_argument("--render-cache", type=Path, help="looks: keep the training renders here for a later call (--stage unet)")
     ap.add_argument("--budget-minutes", type=float, default=1e6, help="looks: the UNet stops so the call ends in this")
     ap.add_argument("--eval-reserve", type=float, default=60.0, help="looks: seconds of the budget kept for saving + eval")
 
@@ -297,7 +298,7 @@ def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> di
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2, fused=device.type == "cuda")
     g = torch.Generator(device=device).manual_seed(args.seed)
     scale = vae.config.scaling_factor
-    t0, step, ema_loss, first = time.time(), 0, None, None
+    t0, step, ema_loss, first, losses = time.time(), 0, None, None, []
     while step < args.unet_steps and (time.time() - t0) < args.unet_minutes * 60 and time.time() < args.deadline:
         for grp in opt.param_groups:
             grp["lr"] = args.unet_lr * min(1.0, (step + 1) / args.warmup)
@@ -330,10 +331,18 @@ def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> di
         with torch.no_grad():
             for src, dst in ((unet, ema_unet), (te, ema_te)):
                 torch._foreach_lerp_(list(dst.parameters()), list(src.parameters()), 1 - decay)
-        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        first = time.time() - t0 if step == 10 else first
+        losses.append(loss.detach())  # read every 50 steps: a per-step .item() would stall the launch queue
+        if len(losses) == 50 or step >= args.unet_steps:
+            for v in torch.stack(losses).tolist():
+                ema_loss = v if ema_loss is None else 0.98 * ema_loss + 0.02 * v
+            losses = []
+        if step == 10:
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            first = time.time() - t0
         if step % 200 == 0:
             print(f"unet step {step} loss {ema_loss:.4f} ({time.time() - t0:.0f}s, {step / (time.time() - t0):.2f} it/s)", flush=True)
+    for v in torch.stack(losses).tolist() if losses else []:
+        ema_loss = v if ema_loss is None else 0.98 * ema_loss + 0.02 * v
     seconds = time.time() - t0
     stopped = "steps" if step >= args.unet_steps else "deadline" if time.time() >= args.deadline else "minutes"
     ema_unet.to(torch.float16, memory_format=torch.contiguous_format).save_pretrained(args.out / "unet")  # shipped in fp16
@@ -352,6 +361,22 @@ def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> di
 # ----------------------------------------------------------------------------- the build
 
 
+def _training_renders(args, pool, cycle: list, named: dict) -> tuple[np.ndarray, list]:
+    """The training renders, from --render-cache when an earlier call of the same seed and count left them there
+    (a second call on a warm machine then skips a minute of rendering)."""
+    n, cache = max(args.vae_images, args.unet_images), args.render_cache
+    key = {"seed": args.seed, "n": n, "cycle": cycle, "named": named}
+    if cache and (cache / "renders.json").exists() and json.loads((cache / "renders.json").read_text())["key"] == key:
+        print(f"training renders from {cache}", flush=True)
+        return np.load(cache / "renders.npy"), json.loads((cache / "renders.json").read_text())["captions"]
+    images, captions, _ = collect(render_async(pool, cycle, n, args.seed, named=named))
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+        np.save(cache / "renders.npy", images)
+        (cache / "renders.json").write_text(json.dumps({"key": key, "captions": captions}))
+    return images, captions
+
+
 def build(args, device, log: dict, log_path: Path) -> None:
     """`--world looks`: stages vae (VAE, its round trip, the checker), checker (alone, on OUT's VAE), unet, eval, all."""
     from diffusers import AutoencoderKL
@@ -368,7 +393,7 @@ def build(args, device, log: dict, log_path: Path) -> None:
             others = [k for k in TRAINING_LOOKS if k != "plain"]  # plain repeated in the cycle to make up its share
             cycle = ["plain"] * max(1, round(args.plain_share * len(others) / (1 - args.plain_share))) + others
             named = {k: args.plain_named if k == "plain" else args.look_named for k in cycle}
-            images, captions, _ = collect(render_async(pool, cycle, max(args.vae_images, args.unet_images), args.seed, named=named))
+            images, captions = _training_renders(args, pool, cycle, named)
             log["render_seconds"] = round(time.time() - t0)
             print(f"rendered {len(images)} images of {len(TRAINING_LOOKS)} training looks in {time.time() - t0:.0f}s", flush=True)
         if args.stage in ("vae", "checker", "all"):  # rendered while the VAE trains
