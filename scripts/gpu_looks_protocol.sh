@@ -1,31 +1,25 @@
 #!/bin/bash
-# Issue 15's protocol (scripts/eval_styles.py) on one GPU host, old base and new side by side, 8 processes at once
-# (4 per base, two held-out looks each; the pastel+sketch process also runs the mix), all judged by the looks
-# base's checker. Meant for the device call right after `gpu_bench.sh OUT looks-build`, on the same warm machine,
-# which still holds /tmp/looks-base; BASE=folder to name another. Everything comes back as one tarball.
+# Issue 15's protocol (scripts/eval_styles.py) on one GPU host: one process per held-out look (LOOK_GROUPS: looks per
+# process, ";"-separated), every look judged by the looks base's checker; the pastel+sketch process also runs the mix.
+# Each process's log and JSON are written straight to OUT, so a call cut at its limit still returns what finished.
 #   run(command="bash scripts/gpu_looks_protocol.sh $OUT", carry=[".whl"], timeout_s=600)
+# LOOK_GROUPS overrides the groups; BASE: the base to measure (default the shipped tiny-looks base); PROTO_LIMIT: seconds per process.
 set -u
 out=$1
-new=${BASE:-/tmp/looks-base}
+base=${BASE:-sdlora/assets/tiny-looks-base}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=2 SDLORA_THREADS=2 PYTHONUNBUFFERED=1
-w=/tmp/proto; mkdir -p $w
-[ -f $new/unet/config.json ] || { echo "no base at $new"; exit 2; }
-# the new base carries tiny's LoRA defaults (not re-tuned on it; see BENCHMARKS)
-[ -f $new/sdlora_defaults.json ] || cp sdlora/assets/tiny-base/sdlora_defaults.json $new/
-groups=("pastel,sketch" "halftone,neon" "stained-glass,chalk" "collage,embroidery")
+export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=1 SDLORA_THREADS=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+[ -f $base/unet/config.json ] || { echo "no base at $base"; exit 2; }
+nvidia-smi --query-gpu=name --format=csv,noheader > $out/gpu.txt
+python3 -c "import torch; print(torch.__version__)" >> $out/gpu.txt
+IFS=';' read -ra groups <<< "${LOOK_GROUPS:-pastel,sketch;halftone;neon;stained-glass;chalk;collage;embroidery}"
 pids=()
-for tag in new old; do
-  base=$new; [ $tag = old ] && base=tiny
-  for i in 0 1 2 3; do
-    timeout ${PROTO_LIMIT:-530} python3 scripts/eval_styles.py --base $base --checker $new/checker.safetensors \
-      --looks ${groups[$i]} --seeds ${SEEDS:-0,1,2} --prompts ${PROMPTS:-48} --work $w/$tag-$i \
-      --grids $w/grids-$tag --json $w/$tag-$i.json > $w/$tag-$i.log 2>&1 &
-    pids+=($!)
-  done
+for i in "${!groups[@]}"; do
+  timeout ${PROTO_LIMIT:-530} python3 scripts/eval_styles.py --base $base --checker $base/checker.safetensors \
+    --looks ${groups[$i]} --seeds ${SEEDS:-0,1,2} --prompts ${PROMPTS:-48} --work /tmp/proto/$i \
+    --grids $out/grids --json $out/proto-$i.json > $out/proto-$i.log 2>&1 &
+  pids+=($!)
 done
-for p in "${pids[@]}"; do wait $p; echo "pid $p exit $?" >> $w/status.txt; done
-nvidia-smi --query-gpu=name --format=csv,noheader > $w/gpu.txt
-tar -C /tmp -cz --exclude='proto/*/data' --exclude='*.safetensors' --exclude='proto/*/*-[0-9]/*' proto > $out/proto.tgz
-cat $w/status.txt
-grep -h '"look"' $w/*.log | cut -c1-300
+for p in "${pids[@]}"; do wait $p; echo "pid $p exit $?" >> $out/status.txt; done
+cat $out/status.txt
+grep -h '"look"' $out/proto-*.log | cut -c1-400
