@@ -271,6 +271,13 @@ def train_checker(args, device, vae, pool, rendering) -> dict:
 # ----------------------------------------------------------------------------- stage 2: UNet + text encoder
 
 
+def _fold(ema: float | None, losses: list) -> float | None:
+    """The running loss (0.98 decay) after these steps' losses, read from the GPU in one transfer."""
+    for v in torch.stack(losses).tolist() if losses else []:
+        ema = v if ema is None else 0.98 * ema + 0.02 * v
+    return ema
+
+
 def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -332,17 +339,15 @@ def train_unet(args, device, vae, images: np.ndarray, captions: list[str]) -> di
             for src, dst in ((unet, ema_unet), (te, ema_te)):
                 torch._foreach_lerp_(list(dst.parameters()), list(src.parameters()), 1 - decay)
         losses.append(loss.detach())  # read every 50 steps: a per-step .item() would stall the launch queue
-        if len(losses) == 50 or step >= args.unet_steps:
-            for v in torch.stack(losses).tolist():
-                ema_loss = v if ema_loss is None else 0.98 * ema_loss + 0.02 * v
-            losses = []
+        if len(losses) == 50:
+            ema_loss, losses = _fold(ema_loss, losses), []
         if step == 10:
-            torch.cuda.synchronize() if device.type == "cuda" else None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             first = time.time() - t0
         if step % 200 == 0:
             print(f"unet step {step} loss {ema_loss:.4f} ({time.time() - t0:.0f}s, {step / (time.time() - t0):.2f} it/s)", flush=True)
-    for v in torch.stack(losses).tolist() if losses else []:
-        ema_loss = v if ema_loss is None else 0.98 * ema_loss + 0.02 * v
+    ema_loss = _fold(ema_loss, losses)
     seconds = time.time() - t0
     stopped = "steps" if step >= args.unet_steps else "deadline" if time.time() >= args.deadline else "minutes"
     ema_unet.to(torch.float16, memory_format=torch.contiguous_format).save_pretrained(args.out / "unet")  # shipped in fp16
@@ -366,9 +371,10 @@ def _training_renders(args, pool, cycle: list, named: dict) -> tuple[np.ndarray,
     (a second call on a warm machine then skips a minute of rendering)."""
     n, cache = max(args.vae_images, args.unet_images), args.render_cache
     key = {"seed": args.seed, "n": n, "cycle": cycle, "named": named}
-    if cache and (cache / "renders.json").exists() and json.loads((cache / "renders.json").read_text())["key"] == key:
+    saved = json.loads((cache / "renders.json").read_text()) if cache and (cache / "renders.json").exists() else None
+    if saved and saved["key"] == key:
         print(f"training renders from {cache}", flush=True)
-        return np.load(cache / "renders.npy"), json.loads((cache / "renders.json").read_text())["captions"]
+        return np.load(cache / "renders.npy"), saved["captions"]
     images, captions, _ = collect(render_async(pool, cycle, n, args.seed, named=named))
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
