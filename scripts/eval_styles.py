@@ -43,6 +43,7 @@ def verdicts(rows: dict[float, dict]) -> dict[str, bool]:
 
 def main(argv: list[str] | None = None) -> dict:
     from sdlora.cli.main import main as cli
+    from sdlora.eval.checker import checker_for_base
     from sdlora.eval.evaluate import builtin_prompts, grid_image, run_eval
     from sdlora.eval.looks import HELD_OUT_LOOKS
     from sdlora.lora.specs import LoraSpec
@@ -50,18 +51,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="tiny")
-    ap.add_argument("--checker", default=None, help="a checker that knows the looks (default: the shipped one)")
+    ap.add_argument("--checker", default=None, help="a checker that knows the looks (default: the base's own judge)")
     ap.add_argument("--looks", default=",".join(HELD_OUT_LOOKS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--mix", default="pastel,sketch", help="two looks mixed at 1.0 each (their seed-0 LoRAs)")
     ap.add_argument("--train-args", default="", help="extra `sdlora train` flags (default: none, the README's command)")
+    ap.add_argument("--device", default=None, help="where generation runs (default: cuda when there is one)")
     ap.add_argument("--work", default=str(ROOT / "output" / "eval-styles"))
     ap.add_argument("--json", required=True)
     ap.add_argument("--grids", default=None, help="a folder for each look's seed-0 grid (8 prompts x the strengths)")
     args = ap.parse_args(argv)
-    work, base = Path(args.work), load_base(args.base)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # training picks its own (the CLI's)
+    work, base = Path(args.work), load_base(args.base, device=device)
     looks, seeds = args.looks.split(","), [int(s) for s in args.seeds.split(",")]
+    args.checker = args.checker or checker_for_base(args.base)  # tiny-looks: its own checker, which knows every look
     runs, loras = [], {}
     for i, look in enumerate(looks):
         data = dataset(look, i, work)
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs.append({"look": look, "seed": seed, "train_seconds": round(train_s, 1), "rows": rows,
                          "bars": verdicts(rows)})
             print(json.dumps(runs[-1]), flush=True)
-    result: dict = {"base": args.base, "checker": args.checker, "prompts": args.prompts, "train_args": args.train_args,
+    result: dict = {"base": args.base, "checker": str(args.checker), "prompts": args.prompts, "train_args": args.train_args,
                     "runs": runs}
     mix = [m for m in args.mix.split(",") if m]
     if len(mix) == 2 and all((m, seeds[0]) in loras for m in mix):

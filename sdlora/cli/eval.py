@@ -15,7 +15,8 @@ def register(sub) -> None:
         description="Generate every prompt at each strength with fixed seeds and write a labelled grid PNG and a JSON report. "
         "On the tiny base a checker trained on the procedural world scores the styles and the prompted colour/shape.",
     )
-    p.add_argument("--base", default="tiny", help="base model (default: tiny; tiny-xl is judged by the same checker)")
+    p.add_argument("--base", default="tiny", help="base model (default: tiny; tiny-xl is judged by the same checker, "
+                   "tiny-looks by its own, which knows every look)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:S[:TE]]", help="LoRA at strength S; the strengths below multiply S (repeatable)")
     p.add_argument("--prompts", default="builtin", help="'builtin' (held-out prompts of the procedural world) or a text file, one prompt per line")
     p.add_argument("--num-prompts", type=int, default=16, help="how many builtin prompts (default: 16, at most 200)")
@@ -36,6 +37,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from sdlora.cli.launch import relaunched
     from sdlora.errors import SdloraError
+    from sdlora.eval.checker import checker_for_base, load_checker
     from sdlora.eval.evaluate import builtin_prompts, file_prompts, grid_image, lora_styles, run_eval
     from sdlora.eval.world import STYLES
     from sdlora.lora.specs import parse_lora_spec
@@ -49,12 +51,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SdloraError(f"--strengths must be comma-separated numbers, not '{args.strengths}'") from None
     if not strengths:
         raise SdloraError("--strengths is empty")
+    checker_path = checker_for_base(args.base)  # None: a real base, pixel statistics only
+    known = load_checker(checker_path).style_names if checker_path else list(STYLES)
     for s in args.style or []:
-        if s not in STYLES:
-            raise SdloraError(f"unknown --style '{s}'; the checker knows {', '.join(STYLES)}")
+        if s not in known:
+            raise SdloraError(f"unknown --style '{s}'; the checker knows {', '.join(known)}")
     check_output_folder(args.output)
     specs = [parse_lora_spec(s) for s in args.lora]
-    styles, trigger = lora_styles(specs, args.style)
+    styles, trigger = lora_styles(specs, args.style, known)
     if args.prompts == "builtin":
         if not 1 <= args.num_prompts <= 200:
             raise SdloraError("--num-prompts must be between 1 and 200")
@@ -67,7 +71,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = str(proc.device(torch.device(default_device(args.device))))
     proc.init(cpu=device == "cpu")
     base = load_base(args.base, "fp16" if device.startswith("cuda") else "fp32", device)
-    use_checker = args.base in ("tiny", "tiny-xl")  # both were trained on the checker's procedural world
     n_images = len(proc.share(len(prompts))) * len(strengths)  # this process's share (all of them on one)
     # Counted in sampling steps, so the time left shows within seconds rather than after the first image.
     bar = tqdm(total=n_images * args.steps, desc=f"eval: {n_images} images", unit="step", mininterval=1.0,
@@ -81,9 +84,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if done < n_images:
             bar.set_postfix_str(f"image {done + 1}/{n_images}", refresh=False)
 
-    report, grid = run_eval(base, specs, prompts, strengths, styles, args.steps, args.guidance, args.seed, use_checker,
+    report, grid = run_eval(base, specs, prompts, strengths, styles, args.steps, args.guidance, args.seed, checker_path is not None,
                             image_done, on_step=lambda _i: bar.update(1),
-                            map_prompts=proc.map if proc.world_size > 1 else None)  # one process: batched prompts
+                            map_prompts=proc.map if proc.world_size > 1 else None,  # one process: batched prompts
+                            checker_path=checker_path)
     bar.close()
     if not proc.is_main:
         return 0

@@ -81,6 +81,17 @@ def load_checker(path: Path = CHECKER_PATH) -> Checker:
     return model.eval()
 
 
+def checker_for_base(base: str) -> Path | None:
+    """The judge of an embedded base: tiny-looks carries its own (it knows every look), tiny and tiny-xl share the
+    shipped one; None for any other base (no judge exists for real bases)."""
+    from sdlora.models.tiny import TINY_BASES
+
+    if base not in TINY_BASES:
+        return None
+    own = TINY_BASES[base] / "checker.safetensors"
+    return own if own.exists() else CHECKER_PATH
+
+
 @torch.no_grad()
 def judge(model: Checker, images: list[Image.Image]) -> dict[str, np.ndarray]:
     """Per image: predicted colour/shape names and the probability that each style shows (model.style_names order)."""

@@ -67,15 +67,16 @@ def _first_word(text: str, words: list[str]) -> str | None:
     return min(hits)[1] if hits else None
 
 
-def lora_styles(specs: list[LoraSpec], explicit: list[str] | None) -> tuple[list[str], str | None]:
-    """Styles to score (from --style or the files' trigger phrases) and the joined trigger phrase."""
+def lora_styles(specs: list[LoraSpec], explicit: list[str] | None, known: list[str] = STYLES) -> tuple[list[str], str | None]:
+    """Styles to score (from --style or the files' trigger phrases naming one of `known`, the checker's styles) and
+    the joined trigger phrase."""
     triggers = []
     for spec in specs:
         meta = load_adapter(spec.path).metadata
         t = meta.get("modelspec.trigger_phrase") or ""
         if t:
             triggers.append(t)
-    styles = explicit or [s for s in STYLES if any(re.search(rf"\b{s}\b", t) for t in triggers)]
+    styles = explicit or [s for s in known if any(re.search(rf"\b{re.escape(s)}\b", t) for t in triggers)]
     return styles, ", ".join(triggers) or None
 
 

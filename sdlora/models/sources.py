@@ -26,9 +26,9 @@ def resolve_base_path(base: str) -> Path:
         check_suffix(p)  # an SD 1.x/2.x/SDXL single file in the original layout (sdlora/models/single_file_sgm.py)
         return p
     if p.exists():
-        raise SdloraError(f"--base {base} is neither 'tiny', 'tiny-xl', a diffusers folder, a .safetensors/.ckpt file nor a hub id")
+        raise SdloraError(f"--base {base} is neither 'tiny', 'tiny-xl', 'tiny-looks', a diffusers folder, a .safetensors/.ckpt file nor a hub id")
     if base.count("/") != 1 or base.startswith((".", "/", "~")):
-        raise SdloraError(f"base model not found: {base} (expected 'tiny', 'tiny-xl', a diffusers folder, a single file or a hub id like org/name)")
+        raise SdloraError(f"base model not found: {base} (expected 'tiny', 'tiny-xl', 'tiny-looks', a diffusers folder, a single file or a hub id like org/name)")
     return _hub_snapshot(base)
 
 

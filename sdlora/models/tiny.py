@@ -76,7 +76,9 @@ SHIPPED_DIR = Path(__file__).parents[1] / "assets" / "tiny-base"
 
 
 # `--base NAME` -> the folder shipped in the package
-TINY_BASES = {"tiny": SHIPPED_DIR, "tiny-xl": Path(__file__).parents[1] / "assets" / "tiny-xl-base"}
+# (tiny-looks: issue 15's base, 32x32 latents, trained on many looks; scripts/build_tiny_base.py --world looks made it)
+TINY_BASES = {"tiny": SHIPPED_DIR, "tiny-xl": Path(__file__).parents[1] / "assets" / "tiny-xl-base",
+              "tiny-looks": Path(__file__).parents[1] / "assets" / "tiny-looks-base"}
 
 
 def tiny_base_dir(name: str = "tiny") -> Path:
