@@ -22,14 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def dataset(look: str, index: int, work: Path) -> Path:
-    if (ROOT / "datasets" / look).is_dir():
+def dataset(look: str, index: int, work: Path, trigger: str) -> Path:
+    if (ROOT / "datasets" / look).is_dir() and trigger == f"sks {look}":
         return ROOT / "datasets" / look
     from sdlora.eval.datasets import write_dataset
 
     out = work / "data" / look
     if not (out / "023.png").exists():
-        write_dataset(look, 24, 128, 100 + index, out, f"sks {look}")
+        write_dataset(look, 24, 128, 100 + index, out, trigger)
     return out
 
 
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--looks", default=",".join(HELD_OUT_LOOKS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--trigger", default="sks {look}", help="trigger phrase ({look}: the look's name); tuning on a "
+                    "look the base knows takes one without its name")
     ap.add_argument("--mix", default="pastel,sketch", help="two looks mixed at 1.0 each (their seed-0 LoRAs)")
     ap.add_argument("--train-args", default="", help="extra `sdlora train` flags (default: none, the README's command)")
     ap.add_argument("--device", default=None, help="where generation runs (default: cuda when there is one)")
@@ -70,17 +72,18 @@ def main(argv: list[str] | None = None) -> dict:
     args.checker = args.checker or checker_for_base(args.base)  # tiny-looks: its own checker, which knows every look
     runs, loras = [], {}
     for i, look in enumerate(looks):
-        data = dataset(look, i, work)
+        trigger = args.trigger.format(look=look)
+        data = dataset(look, i, work, trigger)
         for seed in seeds:
             out = work / f"{look}-{seed}"
             t = time.perf_counter()
-            rc = cli(["train", "--images", str(data), "--trigger", f"sks {look}", "--rank", "4", "--base", args.base,
+            rc = cli(["train", "--images", str(data), "--trigger", trigger, "--rank", "4", "--base", args.base,
                       "--seed", str(seed), "--output", str(out), "--overwrite", "--no-progress", *args.train_args.split()])
             if rc != 0:
                 raise SystemExit(f"training {look} seed {seed} failed")
             train_s = time.perf_counter() - t
             loras[(look, seed)] = out / "lora.safetensors"
-            prompts = builtin_prompts(args.prompts, f"sks {look}")
+            prompts = builtin_prompts(args.prompts, trigger)
             report, grid = run_eval(base, [LoraSpec(str(loras[(look, seed)]))], prompts, list(STRENGTHS), [look],
                                     checker_path=args.checker)
             if args.grids and seed == seeds[0]:
@@ -92,11 +95,12 @@ def main(argv: list[str] | None = None) -> dict:
                          "bars": verdicts(rows)})
             print(json.dumps(runs[-1]), flush=True)
     result: dict = {"base": args.base, "checker": str(args.checker), "prompts": args.prompts, "train_args": args.train_args,
+                    "trigger": args.trigger,
                     "runs": runs}
     mix = [m for m in args.mix.split(",") if m]
     if len(mix) == 2 and all((m, seeds[0]) in loras for m in mix):
         report, _ = run_eval(base, [LoraSpec(str(loras[(m, seeds[0])])) for m in mix],
-                             builtin_prompts(args.prompts, ", ".join(f"sks {m}" for m in mix)), [1.0], mix,
+                             builtin_prompts(args.prompts, ", ".join(args.trigger.format(look=m) for m in mix)), [1.0], mix,
                              checker_path=args.checker)
         scores = {m: round(report.rows[0]["style_scores"][m], 3) for m in mix}
         result["mix"] = {"looks": mix, "scores": scores, "both_show": all(v >= 0.5 for v in scores.values())}

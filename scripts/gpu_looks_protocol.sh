@@ -5,7 +5,8 @@
 # are written straight to OUT, so a call cut at its limit still returns every run that finished (one JSON line each).
 #   run(command="bash scripts/gpu_looks_protocol.sh $OUT", carry=[".whl"], timeout_s=600)
 # BASE: the base to measure (default tiny-looks; BASE=tiny for the before table, with CHECKER the looks base's judge);
-# PROTO_LIMIT: seconds per process; SEEDS, PROMPTS: the protocol's 0,1,2 and 48 unless set.
+# PROTO_LIMIT: seconds per process; SEEDS, PROMPTS: the protocol's 0,1,2 and 48 unless set; TRAIN_ARGS: flags over
+# the base's defaults (scripts/gpu_looks_tune.sh: the learning rate it picked on the tuning looks, before it ships).
 set -u
 out=$1
 mkdir -p $out
@@ -20,6 +21,7 @@ pids=()
 for i in "${!groups[@]}"; do
   timeout ${PROTO_LIMIT:-530} python3 scripts/eval_styles.py --base $base ${CHECKER:+--checker $CHECKER} \
     --looks ${groups[$i]} --seeds ${SEEDS:-0,1,2} --prompts ${PROMPTS:-48} --work /tmp/proto-$base/$i \
+    "--train-args=${TRAIN_ARGS:-}" \
     --grids $out/grids --json $out/proto-$i.json > $out/proto-$i.log 2>&1 &
   pids+=($!)
 done

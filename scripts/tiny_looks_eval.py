@@ -80,6 +80,9 @@ def _num(x) -> str:
     return "—" if x is None else f"{x:.1f}"
 
 
+STYLE_SECTION = "## Style learning"
+
+
 def write_card(out: Path, log: dict) -> None:
     r, u, c = log.get("vae_round_trip", {}), log.get("unet", {}), log.get("checker_per_look", {})
     n = u.get("parameters", {})
@@ -142,4 +145,6 @@ With a training look named in the prompt ({log.get('eval_look_prompts')} prompts
 |---|---|---|---|
 {named}
 """
-    (out / "README.md").write_text(text)
+    card = out / "README.md"  # what the style protocol measured on this base (written by hand) survives a rewrite
+    kept = card.read_text().partition(STYLE_SECTION)[1:] if card.exists() else ("", "")
+    card.write_text(text + ("\n" + "".join(kept) if kept[0] else ""))

@@ -187,3 +187,22 @@ def test_eval_styles_protocol_runs_and_reports_every_bar(work):
         assert set(r["bars"]) == {"style_at_1", "style_at_0", "rises", "dial_at_half", "colour_kept", "shape_kept"}
     assert set(out["mix"]["scores"]) == {"pastel", "sketch"}
     assert out["table"].count("\n") == 3  # header, rule, two rows
+
+
+def test_default_tuning_trains_a_training_look_under_a_neutral_trigger_and_picks_a_rate(work):
+    """scripts/gpu_looks_tune.sh's path on a CPU: eval_styles on a look the base knows, under a trigger that does not
+    name it, at two learning rates; pick_default keeps the rate meeting more bars (ties: the lower)."""
+    proto, picker = _load("eval_styles"), _load("pick_default")
+    paths = []
+    for lr in ("1e-3", "2e-3"):
+        path = work / f"tune-{lr}.json"
+        out = proto.main(["--base", "tiny-looks", "--looks", "woodcut", "--seeds", "0", "--prompts", "2", "--trigger",
+                          "sks zq", "--mix", "", f"--train-args=--steps 2 --unet-lr {lr}", "--work", str(work / "tune"),
+                          "--json", str(path)])
+        assert out["trigger"] == "sks zq" and out["checker"].endswith("tiny-looks-base/checker.safetensors")
+        from sdlora.formats.kohya import load_adapter
+
+        assert load_adapter(work / "tune" / "woodcut-0" / "lora.safetensors").metadata["modelspec.trigger_phrase"] == "sks zq"
+        paths.append(path)
+    best, met = picker.pick(paths)
+    assert set(met) == {1e-3, 2e-3} and best == max(met, key=lambda lr: (sum(met[lr]), -lr))

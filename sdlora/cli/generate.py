@@ -11,7 +11,7 @@ from sdlora.errors import SdloraError
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", default="tiny", help="base model: 'tiny', 'tiny-xl', a diffusers folder, an SD 1.x/2.x/SDXL .safetensors/.ckpt file or a hub id (default: tiny)")
+    p.add_argument("--base", default="tiny", help="base model: 'tiny', 'tiny-xl', 'tiny-looks', a diffusers folder, an SD 1.x/2.x/SDXL .safetensors/.ckpt file or a hub id (default: tiny)")
     p.add_argument("--vae", help="a VAE to use instead of the base's (diffusers folder, hub id or .safetensors); fp16 only if its config says force_upcast false")
     p.add_argument("--v-prediction", action="store_true", help="the base predicts v though its config or file does not say so")
     p.add_argument("--zero-terminal-snr", action="store_true", help="the base was trained with a zero-terminal-SNR schedule")

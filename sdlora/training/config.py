@@ -38,7 +38,7 @@ class TrainConfig:
     center_crop: bool = opt(False, "crop to the bucket from the centre instead of a random (per-image, seeded) offset")
     cache_latents: str = opt("memory", "where VAE latents are cached: memory or disk (under the output folder)", choices=["memory", "disk"])
     # model
-    base: str = opt("tiny", "base model: 'tiny' or 'tiny-xl' (embedded), a diffusers folder (SD 1.x/2.x/SDXL), a single .safetensors/.ckpt checkpoint or a hub id")
+    base: str = opt("tiny", "base model: 'tiny', 'tiny-xl' or 'tiny-looks' (embedded), a diffusers folder (SD 1.x/2.x/SDXL), a single .safetensors/.ckpt checkpoint or a hub id")
     precision: str | None = opt(None, "dtype of the frozen base weights: fp32, fp16, bf16 (default: fp32 on CPU, bf16 on GPU)", choices=["fp32", "fp16", "bf16"])
     vae: str | None = opt(None, "a VAE to use instead of the base's: a diffusers VAE folder, hub id or .safetensors; one whose config says force_upcast false (e.g. madebyollin/sdxl-vae-fp16-fix) runs in fp16, others stay fp32 under fp16 (SDXL's VAE overflows)")
     v_prediction: bool = opt(False, "the base predicts v (NoobAI-XL v-pred, SD 2.x 768-v) though its scheduler config or file does not say so")
