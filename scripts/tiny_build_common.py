@@ -86,6 +86,16 @@ def vae_step(vae, opt, x: torch.Tensor, kl_weight: float, device, chroma_weight:
     return loss
 
 
+@torch.no_grad()
+def round_trip(vae, images: np.ndarray, device, batch: int = 128, sample: bool = False) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), batch):
+        dist = vae.encode(to_pixels(images[i : i + batch], device)).latent_dist
+        rec = vae.decode(dist.sample() if sample else dist.mode()).sample
+        out.append(((rec.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
 def write_sd1_parts(out: Path, tok) -> None:
     """The tokenizer, the training scheduler and model_index.json of an SD1 diffusers folder (unet, text_encoder and
     vae are saved by their stages)."""
