@@ -206,3 +206,8 @@ def test_default_tuning_trains_a_training_look_under_a_neutral_trigger_and_picks
         paths.append(path)
     best, met = picker.pick(paths)
     assert set(met) == {1e-3, 2e-3} and best == max(met, key=lambda lr: (sum(met[lr]), -lr))
+
+
+def test_generation_timer_times_each_base():
+    out = _load("time_tiny_generation").main(["--bases", "tiny,tiny-looks", "--steps", "2", "--repeats", "1"])
+    assert set(out) == {"tiny", "tiny-looks"} and all(len(v) == 1 and v[0] > 0 for v in out.values())
