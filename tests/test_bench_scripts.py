@@ -191,21 +191,26 @@ def test_eval_styles_protocol_runs_and_reports_every_bar(work):
 
 def test_default_tuning_trains_a_training_look_under_a_neutral_trigger_and_picks_a_rate(work):
     """scripts/gpu_looks_tune.sh's path on a CPU: eval_styles on a look the base knows, under a trigger that does not
-    name it, at two learning rates; pick_default keeps the rate meeting more bars (ties: the lower)."""
-    proto, picker = _load("eval_styles"), _load("pick_default")
-    paths = []
-    for lr in ("1e-3", "2e-3"):
-        path = work / f"tune-{lr}.json"
-        out = proto.main(["--base", "tiny-looks", "--looks", "woodcut", "--seeds", "0", "--prompts", "2", "--trigger",
-                          "sks zq", "--mix", "", f"--train-args=--steps 2 --unet-lr {lr}", "--work", str(work / "tune"),
-                          "--json", str(path)])
-        assert out["trigger"] == "sks zq" and out["checker"].endswith("tiny-looks-base/checker.safetensors")
-        from sdlora.formats.kohya import load_adapter
+    name it; pick_default keeps the rate whose runs meet more bars, the lower one on a tie."""
+    import json
 
-        assert load_adapter(work / "tune" / "woodcut-0" / "lora.safetensors").metadata["modelspec.trigger_phrase"] == "sks zq"
-        paths.append(path)
-    best, met = picker.pick(paths)
-    assert set(met) == {1e-3, 2e-3} and best == max(met, key=lambda lr: (sum(met[lr]), -lr))
+    from sdlora.formats.kohya import load_adapter
+
+    proto, picker = _load("eval_styles"), _load("pick_default")
+    path = work / "tune-1e-3.json"
+    out = proto.main(["--base", "tiny-looks", "--looks", "woodcut", "--seeds", "0", "--prompts", "1", "--trigger", "sks zq",
+                      "--mix", "", "--train-args=--steps 2 --unet-lr 1e-3", "--work", str(work / "tune"), "--json", str(path)])
+    assert out["trigger"] == "sks zq" and out["checker"].endswith("tiny-looks-base/checker.safetensors")
+    assert load_adapter(work / "tune" / "woodcut-0" / "lora.safetensors").metadata["modelspec.trigger_phrase"] == "sks zq"
+    met = sum(out["runs"][0]["bars"].values())
+    for lr, change in (("2e-3", 0), ("4e-3", -1)):  # the same run read as two other rates: one ties, one meets fewer
+        other = json.loads(path.read_text()) | {"train_args": f"--steps 2 --unet-lr {lr}"}
+        bars = other["runs"][0]["bars"]
+        if change:
+            bars[next(k for k, v in bars.items() if v)] = False
+        (work / f"tune-{lr}.json").write_text(json.dumps(other))
+    best, table = picker.pick(sorted(work.glob("tune-*.json")))
+    assert table == {1e-3: [met], 2e-3: [met], 4e-3: [met - 1]} and best == 1e-3
 
 
 def test_generation_timer_times_each_base():
