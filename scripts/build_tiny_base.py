@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tiny_looks_stages as looks  # noqa: E402
-from tiny_build_common import grid, to_pixels, vae_step, world_scene, write_sd1_parts  # noqa: E402
+from tiny_build_common import checker_step, grid, to_pixels, vae_step, world_scene, write_sd1_parts  # noqa: E402
 from tiny_build_common import render_pool as _render_pool  # noqa: E402
 
 from sdlora.eval import world  # noqa: E402
@@ -176,13 +176,7 @@ def train_checker(args, vae, device) -> dict:
     for step in range(args.checker_steps):
         for grp in opt.param_groups:  # short warm-up: Adam's first full-size steps would knock a fine-tuned model about
             grp["lr"] = args.checker_lr * min(1.0, (step + 1) / 50)
-        idx = train_idx[torch.randint(0, len(train_idx), (args.checker_batch,), device=device, generator=g)]
-        xb = x[idx] + 0.03 * torch.randn((len(idx), *x.shape[1:]), device=device, generator=g)
-        c, s, sl = model(xb)
-        loss = F.cross_entropy(c, colour[idx]) + F.cross_entropy(s, shape[idx]) + F.binary_cross_entropy_with_logits(sl, style[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = checker_step(model, opt, (x, colour, shape, style), train_idx, args.checker_batch, g)  # fp32, as built
         if (step + 1) % 100 == 0:
             print(f"checker step {step + 1} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
     model.eval()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def pick(paths: list[Path]) -> tuple[float, dict[float, list[int]]]:
-    met: dict[float, list[int]] = defaultdict(list)  # lr -> [bars met, bars judged, ...per run]
+    met: dict[float, list[int]] = defaultdict(list)  # lr -> bars met, one entry per run
     for path in paths:
         result = json.loads(path.read_text())
         lr = float(result["train_args"].split("--unet-lr")[1].split()[0])

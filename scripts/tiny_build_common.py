@@ -86,6 +86,23 @@ def vae_step(vae, opt, x: torch.Tensor, kl_weight: float, device, chroma_weight:
     return loss
 
 
+def checker_step(model, opt, data: tuple, train_idx: torch.Tensor, batch: int, g: torch.Generator,
+                 bf16: bool = False) -> torch.Tensor:
+    """One optimiser step of a world checker (both builders'): a random batch of the rows it trains on, a little pixel
+    noise, and the colour + shape (softmax) + style (sigmoid) losses; bf16 autocast where asked (on CUDA)."""
+    x, colour, shape, style = data
+    idx = train_idx[torch.randint(0, len(train_idx), (batch,), device=x.device, generator=g)]
+    xb = x[idx] + 0.03 * torch.randn((len(idx), *x.shape[1:]), device=x.device, generator=g)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        c, s, sl = model(xb)
+    loss = (F.cross_entropy(c.float(), colour[idx]) + F.cross_entropy(s.float(), shape[idx])
+            + F.binary_cross_entropy_with_logits(sl.float(), style[idx]))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 @torch.no_grad()
 def round_trip(vae, images: np.ndarray, device, batch: int = 128, sample: bool = False) -> np.ndarray:
     out = []

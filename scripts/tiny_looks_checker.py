@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tiny_build_common import round_trip, to_pixels
+from tiny_build_common import checker_step, round_trip, to_pixels
 from tiny_looks_stages import _scene, collect
 
 from sdlora.eval import world
@@ -70,15 +70,7 @@ def train_checker(args, device, vae, pool, rendering) -> dict:
     for step in range(args.checker_steps):
         for grp in opt.param_groups:  # warm-up, then cosine to 5%
             grp["lr"] = args.checker_lr * min((step + 1) / 100, 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / args.checker_steps)))
-        idx = train_idx[torch.randint(0, len(train_idx), (args.checker_batch,), device=device, generator=g)]
-        xb = x[idx] + 0.03 * torch.randn((len(idx), *x.shape[1:]), device=device, generator=g)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            c, s, sl = model(xb)
-        loss = (F.cross_entropy(c.float(), colour[idx]) + F.cross_entropy(s.float(), shape[idx])
-                + F.binary_cross_entropy_with_logits(sl.float(), style[idx]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = checker_step(model, opt, (x, colour, shape, style), train_idx, args.checker_batch, g, device.type == "cuda")
         if (step + 1) % 500 == 0:
             print(f"checker step {step + 1} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
     model.eval()

@@ -37,7 +37,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from sdlora.cli.launch import relaunched
     from sdlora.errors import SdloraError
-    from sdlora.eval.checker import checker_for_base, load_checker
+    from sdlora.eval.checker import checker_for_base, checker_style_names
     from sdlora.eval.evaluate import builtin_prompts, file_prompts, grid_image, lora_styles, run_eval
     from sdlora.eval.world import STYLES
     from sdlora.lora.specs import parse_lora_spec
@@ -52,7 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not strengths:
         raise SdloraError("--strengths is empty")
     checker_path = checker_for_base(args.base)  # None: a real base, pixel statistics only
-    known = load_checker(checker_path).style_names if checker_path else list(STYLES)
+    known = checker_style_names(checker_path) if checker_path else list(STYLES)
     for s in args.style or []:
         if s not in known:
             raise SdloraError(f"unknown --style '{s}'; the checker knows {', '.join(known)}")

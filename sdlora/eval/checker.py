@@ -61,11 +61,10 @@ def save_checker(model: Checker, path: Path) -> None:
     save_file(tensors, str(path), metadata={"style_names": json.dumps(model.style_names)})
 
 
-def load_checker(path: Path = CHECKER_PATH) -> Checker:
-    """A checker and its style names (from the file's metadata; world.STYLES where it has none, as the shipped one);
-    the width is read off the first layer's weights."""
+def checker_style_names(path: Path = CHECKER_PATH) -> list[str]:
+    """The styles a checker file scores, from its metadata (world.STYLES where it has none, as the shipped one),
+    without loading its weights."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from sdlora.errors import SdloraError
 
@@ -74,8 +73,15 @@ def load_checker(path: Path = CHECKER_PATH) -> Checker:
         raise SdloraError(f"the world checker is missing ({path}); build it with scripts/build_tiny_base.py")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
+    return json.loads(meta["style_names"]) if "style_names" in meta else list(STYLE_NAMES)
+
+
+def load_checker(path: Path = CHECKER_PATH) -> Checker:
+    """A checker and its style names (checker_style_names); the width is read off the first layer's weights."""
+    from safetensors.torch import load_file
+
+    names = checker_style_names(path)
     weights = load_file(str(path))
-    names = json.loads(meta["style_names"]) if "style_names" in meta else STYLE_NAMES
     model = Checker(width=weights["features.0.weight"].shape[0], style_names=names)
     model.load_state_dict(weights)
     return model.eval()
