@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tiny_looks_stages as looks  # noqa: E402
-from tiny_build_common import checker_step, grid, to_pixels, vae_step, world_scene, write_sd1_parts  # noqa: E402
+from tiny_build_common import checker_step, grid, round_trip, to_pixels, vae_step, world_scene, write_sd1_parts  # noqa: E402
 from tiny_build_common import render_pool as _render_pool  # noqa: E402
 
 from sdlora.eval import world  # noqa: E402
@@ -88,14 +88,6 @@ def train_vae(args, device) -> dict:
 
 
 @torch.no_grad()
-def through_vae(vae, images: np.ndarray, device, batch: int = 256) -> np.ndarray:
-    out = []
-    for i in range(0, len(images), batch):
-        rec = vae.decode(vae.encode(to_pixels(images[i : i + batch], device)).latent_dist.sample()).sample
-        out.append(((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(out)
-
-
 def _mixes(job: tuple[np.ndarray, int, int]) -> tuple[list[np.ndarray], list[tuple[str, str]]]:
     """Two-style composites of one scene (its VAE-passed renders in world.STYLES order): sketch's ink printed over
     another style, and each pair split as objects in one style over the other's background."""
@@ -132,7 +124,7 @@ def checker_data(args, vae, device) -> dict[str, torch.Tensor]:
     renders, _, labels = render_pool(styles, n * len(styles), args.seed + 1, args.workers, single=True)
     print(f"rendered {len(labels)} images in {time.time() - t0:.0f}s", flush=True)
     t0 = time.time()
-    renders = through_vae(vae, renders, device, batch=32)
+    renders = round_trip(vae, renders, device, batch=32, sample=True)
     print(f"passed through the VAE in {time.time() - t0:.0f}s", flush=True)
     # composed from the VAE-passed renders (the VAE is near-identity up to blur), which halves the VAE cost on a CPU
     by_scene = renders.reshape(n, len(styles), *renders.shape[1:])
