@@ -124,7 +124,7 @@ def checker_data(args, vae, device) -> dict[str, torch.Tensor]:
     renders, _, labels = render_pool(styles, n * len(styles), args.seed + 1, args.workers, single=True)
     print(f"rendered {len(labels)} images in {time.time() - t0:.0f}s", flush=True)
     t0 = time.time()
-    renders = round_trip(vae, renders, device, batch=32, sample=True)
+    renders = round_trip(vae, renders, device, batch=32, sample=True, generator=torch.Generator().manual_seed(args.seed + 1))
     print(f"passed through the VAE in {time.time() - t0:.0f}s", flush=True)
     # composed from the VAE-passed renders (the VAE is near-identity up to blur), which halves the VAE cost on a CPU
     by_scene = renders.reshape(n, len(styles), *renders.shape[1:])

@@ -104,11 +104,14 @@ def checker_step(model, opt, data: tuple, train_idx: torch.Tensor, batch: int, g
 
 
 @torch.no_grad()
-def round_trip(vae, images: np.ndarray, device, batch: int = 128, sample: bool = False) -> np.ndarray:
+def round_trip(vae, images: np.ndarray, device, batch: int = 128, sample: bool = False,
+               generator: torch.Generator | None = None) -> np.ndarray:
+    """Images through encode -> decode: the latent mean, or with `sample` a draw from `generator` (seed it: the global
+    RNG is seeded differently in every process, which made a checker trained alone differ run to run)."""
     out = []
     for i in range(0, len(images), batch):
         dist = vae.encode(to_pixels(images[i : i + batch], device)).latent_dist
-        rec = vae.decode(dist.sample() if sample else dist.mode()).sample
+        rec = vae.decode(dist.sample(generator) if sample else dist.mode()).sample
         out.append(((rec.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 

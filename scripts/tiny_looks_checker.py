@@ -43,7 +43,7 @@ def train_checker(args, device, vae, pool, rendering) -> dict:
 
     looks, n, t0 = list(ALL_LOOKS), args.checker_scenes, time.time()
     renders, _, labels = collect(rendering)
-    renders = round_trip(vae, renders, device, sample=True)
+    renders = round_trip(vae, renders, device, sample=True, generator=torch.Generator().manual_seed(args.seed + 1))
     by_scene = renders.reshape(n, len(looks), *renders.shape[1:])
     mixed = pool.map(_mixes, [(by_scene[i], args.seed + 1, i, args.mixes_per_scene) for i in range(n)], chunksize=16)
     print(f"checker data: {len(renders)} renders + {n * args.mixes_per_scene} composites in {time.time() - t0:.0f}s", flush=True)
